@@ -1,0 +1,521 @@
+"""The data_prep pipeline: scan the inputs, assign splits, tokenize and window, write shards + manifest.
+
+Two streaming passes over the raw inputs keep memory flat whatever the corpus size:
+1. scan: validate every row (columns, labels, ids, empty texts, encodings), collect labels/groups/splits;
+2. encode: tokenize in batches (optionally in worker processes), window, and append to each split's shards.
+Everything is written to a temporary folder beside the output and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import data_prep
+from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
+from data_prep.clean import clean_text
+from data_prep.errors import DataPrepError
+from data_prep.readers import (Source, expand_sources, folder_ignored_files, is_missing, iter_rows,
+                               source_columns, source_sha256)
+from data_prep.shards import SplitWriter, columns_to_table, window_features
+from data_prep.splits import DEFAULT_RATIOS, assign_splits
+from data_prep.tokenizer import (backend_json, load_fast_tokenizer, special_token_template,
+                                 tokenizer_fingerprint)
+
+MANIFEST = "manifest.json"
+SPLIT_ORDER = ("train", "validation", "test")
+
+
+@dataclass
+class PrepOptions:
+    inputs: list[tuple[str | None, Path]]
+    output: Path
+    tokenizer: str
+    format: str = "auto"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    id_column: str | None = None
+    group_column: str | None = None
+    labels: list[str] | None = None
+    split_column: str | None = None
+    split_ratios: dict[str, float] | None = None
+    seed: int = 42
+    max_length: int | None = None
+    chunk_size: int | None = None
+    stride: int | None = None
+    min_chunk_tokens: int = 1
+    max_text_tokens: int | None = None
+    max_chunks_per_doc: int | None = None
+    clean: tuple[str, ...] = ()
+    on_empty: str = "error"
+    on_unknown_label: str = "drop"
+    encodings: tuple[str, ...] = ("utf-8",)
+    num_proc: int = 1
+    num_shards: int | None = None
+    shard_size: int = 50_000
+    batch_size: int = 1000
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ScanResult:
+    """What the first pass learned: one entry per kept row, in reading order, plus drop counts."""
+
+    keep: list[bytearray] = field(default_factory=list)  # per source: 1 = row kept
+    labels: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    given_split: list[str | None] = field(default_factory=list)
+    rows_per_source: list[int] = field(default_factory=list)
+    dropped: Counter = field(default_factory=Counter)  # (split or None, reason) -> rows
+
+
+def label_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def row_id(source: Source, ordinal: int, record: dict, id_column: str | None) -> str:
+    if id_column is not None:
+        return label_text(record[id_column])
+    if source.format == "folder":
+        return record["id"]
+    return f"{source.dataset_key or source.path.name}:{ordinal}"
+
+
+def _text(record: dict, column: str, loc: str) -> str:
+    value = record[column]
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if not isinstance(value, str):
+        raise DataPrepError(f"{loc}: column {column!r} holds {type(value).__name__}, not text")
+    return value
+
+
+def _columns_needed(opts: PrepOptions, source: Source) -> list[str]:
+    if source.format == "folder":
+        return ["text", "label", "id"]
+    cols = [opts.text_column, opts.label_column]
+    for c in (opts.text_pair_column, opts.id_column, opts.group_column, opts.split_column):
+        if c is not None and c not in cols:
+            cols.append(c)
+    return cols
+
+
+def check_columns(opts: PrepOptions, sources: list[Source]) -> None:
+    for source in sources:
+        if source.format == "folder":
+            for opt, col in (("--text-pair-column", opts.text_pair_column), ("--group-column", opts.group_column),
+                             ("--split-column", opts.split_column)):
+                if col is not None:
+                    raise DataPrepError(f"{opt}: a folder input ({source.path}) has only text, label (folder name) "
+                                        "and id (file path)")
+            continue
+        available = source_columns(source, opts.encodings)
+        named = [("--text-column", opts.text_column), ("--label-column", opts.label_column),
+                 ("--text-pair-column", opts.text_pair_column), ("--id-column", opts.id_column),
+                 ("--group-column", opts.group_column), ("--split-column", opts.split_column)]
+        for opt, col in named:
+            if col is not None and col not in available:
+                raise DataPrepError(f"{source.name}: no column {col!r} ({opt}); available columns: "
+                                    f"{', '.join(map(str, available))}")
+
+
+def scan(opts: PrepOptions, sources: list[Source]) -> ScanResult:
+    """Pass 1: validate every row, decide which rows are kept, remember label/group/split per kept row."""
+    result = ScanResult()
+    allowed = set(opts.labels) if opts.labels else None
+    seen_ids: dict[str, str] = {}
+    for source in sources:
+        columns = _columns_needed(opts, source)
+        text_col = "text" if source.format == "folder" else opts.text_column
+        label_col = "label" if source.format == "folder" else opts.label_column
+        keep = bytearray()
+        ordinal = 0
+        for loc, record in iter_rows(source, columns, opts.encodings):
+            ordinal += 1
+            split = source.split
+            if opts.split_column is not None:
+                if is_missing(record[opts.split_column]):
+                    raise DataPrepError(f"{loc}: missing split in column {opts.split_column!r}")
+                split = label_text(record[opts.split_column])
+            if is_missing(record[label_col]):
+                raise DataPrepError(f"{loc}: missing label in column {label_col!r}")
+            label = label_text(record[label_col])
+            if opts.id_column is not None:
+                if is_missing(record[opts.id_column]):
+                    raise DataPrepError(f"{loc}: missing id in column {opts.id_column!r}")
+                rid = label_text(record[opts.id_column])
+                if rid in seen_ids:
+                    raise DataPrepError(f"{loc}: duplicate id {rid!r} (first seen at {seen_ids[rid]})")
+                seen_ids[rid] = loc
+            texts = [(text_col, _text(record, text_col, loc))]
+            if opts.text_pair_column is not None:
+                texts.append((opts.text_pair_column, _text(record, opts.text_pair_column, loc)))
+            empty = next((c for c, t in texts if not clean_text(t, opts.clean).strip()), None)
+            reason = None
+            if empty is not None:
+                if opts.on_empty == "error":
+                    raise DataPrepError(f"{loc}: empty text in column {empty!r} (pass --on-empty drop to drop "
+                                        "and count such rows)")
+                reason = "empty_text"
+            elif allowed is not None and label not in allowed:
+                if opts.on_unknown_label == "error":
+                    raise DataPrepError(f"{loc}: label {label!r} is not one of --labels {','.join(opts.labels)}")
+                reason = "label_not_in_labels"
+            if reason is not None:
+                keep.append(0)
+                result.dropped[(split, reason)] += 1
+                continue
+            if opts.group_column is not None:
+                if is_missing(record[opts.group_column]):
+                    raise DataPrepError(f"{loc}: missing group in column {opts.group_column!r}")
+                result.groups.append(label_text(record[opts.group_column]))
+            keep.append(1)
+            result.labels.append(label)
+            result.given_split.append(split)
+        source.scanned = True
+        result.keep.append(keep)
+        result.rows_per_source.append(ordinal)
+    return result
+
+
+def _natural_label_order(labels: set[str]) -> list[str]:
+    """Sorted, numerically when every label is an integer ("2" before "10")."""
+    try:
+        return sorted(labels, key=int)
+    except ValueError:
+        return sorted(labels)
+
+
+def decide_splits(opts: PrepOptions, scan_result: ScanResult,
+                  label_ids: list[int]) -> tuple[list[str], np.ndarray, dict[str, float] | None]:
+    """Split names (in output order), the split index of every kept row, and the ratios used (if any)."""
+    given = scan_result.given_split
+    unsplit = [i for i, s in enumerate(given) if s is None]
+    ratios = opts.split_ratios
+    if ratios is not None and not unsplit:
+        raise DataPrepError("--split-ratios: every row already has a split (from --input SPLIT=PATH or "
+                            "--split-column); drop --split-ratios or give an input without SPLIT=")
+    if unsplit and ratios is None:
+        ratios = DEFAULT_RATIOS
+    names: list[str] = []
+    for s in list(ratios or {}) + [s for s in given if s is not None]:
+        if s not in names:
+            names.append(s)
+    first_seen = list(names)
+    names.sort(key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), first_seen.index(s)))
+    index = {s: k for k, s in enumerate(names)}
+    split_idx = np.array([index[s] if s is not None else -1 for s in given], dtype=np.int64)
+    if unsplit:
+        sub_labels = [label_ids[i] for i in unsplit]
+        sub_groups = [scan_result.groups[i] for i in unsplit] if opts.group_column else None
+        assigned = assign_splits(sub_labels, sub_groups, ratios, opts.seed)
+        ratio_names = list(ratios)
+        split_idx[np.asarray(unsplit)] = [index[ratio_names[a]] for a in assigned]
+    counts = np.bincount(split_idx, minlength=len(names))
+    for name, count in zip(names, counts):
+        if count == 0:
+            how = (f"the ratios {','.join(f'{k}={v:g}' for k, v in ratios.items())} leave it empty for "
+                   f"{len(unsplit)} rows" if ratios and name in ratios else "every row of it was dropped")
+            raise DataPrepError(f"split {name!r} would have no documents: {how}")
+    return names, split_idx, (ratios if unsplit else None)
+
+
+# --------------------------------------------------------------------------------------------- encoding
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_json: str, template, settings: ChunkSettings, pairs: bool, threads: bool) -> None:
+    if not threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    from tokenizers import Tokenizer
+
+    _WORKER.update(tokenizer=Tokenizer.from_str(tokenizer_json), template=template, settings=settings,
+                   pairs=pairs)
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    tokenizer = _WORKER["tokenizer"]
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def encode_job(job: dict) -> list[tuple[int, object, np.ndarray, dict]]:
+    """Tokenize and window one batch of documents; returns (split index, Arrow table, doc ids, stats) per split."""
+    settings, template = _WORKER["settings"], _WORKER["template"]
+    schema = window_features(_WORKER["pairs"]).arrow_schema
+    out = []
+    for s in np.unique(job["split"]):
+        rows = np.flatnonzero(job["split"] == s)
+        texts = [job["texts"][i] for i in rows]
+        if _WORKER["pairs"]:
+            enc = encode_pairs(_encode(texts), _encode([job["pairs"][i] for i in rows]), template,
+                               settings.max_length)
+        else:
+            enc = encode_singles(_encode(texts), template, settings)
+        per_doc = np.asarray(enc.doc_windows)
+        doc_ids = np.repeat(job["doc_id"][rows], per_doc)
+        labels = np.repeat(job["label"][rows], per_doc)
+        ids = [job["ids"][i] for i, n in zip(rows, per_doc) for _ in range(n)]
+        table = columns_to_table(enc.columns, labels, doc_ids, ids, schema)
+        stats = {"documents": len(rows), "windows": int(per_doc.sum()), "tokens": enc.tokens,
+                 "truncated": enc.truncated_docs, "truncated_by": enc.truncated,
+                 "windows_dropped": enc.windows_dropped,
+                 "labels": np.bincount(job["label"][rows], minlength=job["num_labels"]).tolist()}
+        out.append((int(s), table, doc_ids, stats))
+    return out
+
+
+def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult, label_index: dict[str, int],
+              split_idx: np.ndarray, num_splits: int):
+    """Pass 2: re-read the kept rows in the same order and group them into batches of documents."""
+    next_doc = np.zeros(num_splits, dtype=np.int64)
+    kept = 0
+    batch: dict[str, list] = {"texts": [], "pairs": [], "label": [], "split": [], "ids": []}
+
+    def flush():
+        split = np.asarray(batch["split"], dtype=np.int64)
+        doc_id = np.empty(len(split), dtype=np.int64)
+        for i, s in enumerate(split):  # documents are numbered per split, in reading order
+            doc_id[i] = next_doc[s]
+            next_doc[s] += 1
+        job = {"texts": batch["texts"], "pairs": batch["pairs"], "ids": batch["ids"], "split": split,
+               "doc_id": doc_id, "label": np.asarray(batch["label"], dtype=np.int64),
+               "num_labels": len(label_index)}
+        for key in batch:  # fresh lists: the job keeps the old ones
+            batch[key] = []
+        return job
+
+    for source, keep in zip(sources, scan_result.keep):
+        columns = _columns_needed(opts, source)
+        text_col = "text" if source.format == "folder" else opts.text_column
+        label_col = "label" if source.format == "folder" else opts.label_column
+        for ordinal, (loc, record) in enumerate(iter_rows(source, columns, opts.encodings), 1):
+            if not keep[ordinal - 1]:
+                continue
+            batch["texts"].append(clean_text(_text(record, text_col, loc), opts.clean))
+            if opts.text_pair_column is not None:
+                batch["pairs"].append(clean_text(_text(record, opts.text_pair_column, loc), opts.clean))
+            batch["label"].append(label_index[label_text(record[label_col])])
+            batch["split"].append(split_idx[kept])
+            batch["ids"].append(row_id(source, ordinal, record, opts.id_column))
+            kept += 1
+            if len(batch["texts"]) >= opts.batch_size:
+                yield flush()
+    if batch["texts"]:
+        yield flush()
+
+
+def run_jobs(jobs, init_args: tuple, num_proc: int):
+    """Encode batches in order, in this process or in ``num_proc`` spawned workers with bounded look-ahead
+    (so the reader never runs ahead of the workers by more than a few batches)."""
+    if num_proc <= 1:
+        _init_worker(*init_args, True)
+        for job in jobs:
+            yield encode_job(job)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(*init_args, False)) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(encode_job, job))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _add_counts(into: dict, more: dict) -> None:
+    for k, v in more.items():
+        if v:
+            into[k] = into.get(k, 0) + v
+
+
+def resolve_chunk_settings(opts: PrepOptions, tok, template) -> ChunkSettings:
+    max_length = opts.max_length
+    if max_length is None:
+        model_max = getattr(tok, "model_max_length", None)
+        max_length = model_max if isinstance(model_max, int) and 0 < model_max <= 100_000 else 512
+    pairs = opts.text_pair_column is not None
+    num_special = template.num_pair if pairs else template.num_single
+    chunk = opts.chunk_size if opts.chunk_size is not None else max_length - num_special
+    settings = ChunkSettings(max_length=max_length, chunk_size=chunk,
+                             stride=opts.stride if opts.stride is not None else chunk,
+                             min_chunk_tokens=opts.min_chunk_tokens, max_text_tokens=opts.max_text_tokens,
+                             max_chunks_per_doc=opts.max_chunks_per_doc)
+    try:
+        if pairs:
+            if settings.max_length <= num_special:
+                raise ValueError(f"--max-length {max_length} leaves no room for a pair")
+        else:
+            settings.check(num_special)
+    except ValueError as exc:
+        raise DataPrepError(str(exc)) from None
+    return settings
+
+
+def prepare(opts: PrepOptions) -> dict:
+    """Run the whole pipeline; returns the manifest. Raises DataPrepError for bad input or options."""
+    output = Path(opts.output)
+    if output.exists() and not opts.overwrite:
+        raise DataPrepError(f"--output {output}: already exists; pass --overwrite to replace it")
+    if opts.labels is not None and len(set(opts.labels)) != len(opts.labels):
+        raise DataPrepError("--labels: a label is listed twice")
+    tok = load_fast_tokenizer(opts.tokenizer)
+    template = special_token_template(tok)
+    settings = resolve_chunk_settings(opts, tok, template)
+    sources = expand_sources(opts.inputs, opts.format)
+    check_columns(opts, sources)
+
+    scan_result = scan(opts, sources)
+    label_names = list(opts.labels) if opts.labels else _natural_label_order(set(scan_result.labels))
+    if not label_names or not scan_result.labels:
+        raise DataPrepError("no rows left to prepare (every row was dropped; see the counts above)")
+    label_index = {name: i for i, name in enumerate(label_names)}
+    label_ids = [label_index[x] for x in scan_result.labels]
+    split_names, split_idx, ratios_used = decide_splits(opts, scan_result, label_ids)
+
+    pairs = opts.text_pair_column is not None
+    features = window_features(pairs)
+    docs_per_split = np.bincount(split_idx, minlength=len(split_names))
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        writers = []
+        for name, n_docs in zip(split_names, docs_per_split):
+            bounds = None
+            if opts.num_shards is not None:
+                k = min(opts.num_shards, int(n_docs))
+                bounds = sorted({round(n_docs * (i + 1) / k) for i in range(k)})
+            writers.append(SplitWriter(tmp / name, features, opts.shard_size, bounds))
+        stats = [{"documents": 0, "windows": 0, "tokens": 0, "truncated": 0, "truncated_by": {},
+                  "windows_dropped": {}, "labels": [0] * len(label_names)} for _ in split_names]
+        jobs = iter_jobs(opts, sources, scan_result, label_index, split_idx, len(split_names))
+        init_args = (backend_json(tok), template, settings, pairs)
+        progress = _progress(int(docs_per_split.sum()), opts.progress)
+        for results in run_jobs(jobs, init_args, opts.num_proc):
+            for s, table, doc_ids, st in results:
+                writers[s].write(table, doc_ids)
+                agg = stats[s]
+                for key in ("documents", "windows", "tokens", "truncated"):
+                    agg[key] += st[key]
+                _add_counts(agg["truncated_by"], st["truncated_by"])
+                _add_counts(agg["windows_dropped"], st["windows_dropped"])
+                agg["labels"] = [a + b for a, b in zip(agg["labels"], st["labels"])]
+                progress.update(st["documents"])
+        progress.close()
+
+        splits = {}
+        for name, writer, agg in zip(split_names, writers, stats):
+            shards = writer.finish(name)
+            dropped = {reason: n for (s, reason), n in sorted(scan_result.dropped.items()) if s == name}
+            splits[name] = {
+                "documents": agg["documents"], "windows": agg["windows"], "tokens": agg["tokens"],
+                "truncated": agg["truncated"], "truncated_by": agg["truncated_by"], "dropped": dropped,
+                "windows_dropped": agg["windows_dropped"],
+                "label_counts": dict(zip(label_names, agg["labels"])),
+                "shards": shards, "content_hash": writer.hash.hexdigest(),
+            }
+        manifest = build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs, splits,
+                                  ratios_used)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_folder(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs, splits, ratios_used) -> dict:
+    dropped_before_split = Counter()
+    for (s, reason), n in scan_result.dropped.items():
+        if s is None:
+            dropped_before_split[reason] += n
+    dropped_total = Counter()
+    for (_, reason), n in scan_result.dropped.items():
+        dropped_total[reason] += n
+    source_entries = []
+    for source, rows in zip(sources, scan_result.rows_per_source):
+        entry = {"path": str(source.path.resolve()), "format": source.format, "split": source.split,
+                 "rows": rows, "sha256": source_sha256(source)}
+        if source.dataset_key:
+            entry["dataset_split"] = source.dataset_key
+        if source.format == "folder":
+            entry["ignored_files"] = folder_ignored_files(source.path)
+        other_encodings = sorted(set(source.encodings.values()) - {opts.encodings[0]})
+        entry["encoding"] = opts.encodings[0] if not other_encodings else [opts.encodings[0], *other_encodings]
+        if source.encodings and source.format == "folder":
+            entry["files_in_other_encodings"] = dict(sorted(source.encodings.items()))
+        source_entries.append(entry)
+    return {
+        "format_version": data_prep.FORMAT_VERSION,
+        "bertfit_version": data_prep.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": "pair" if pairs else "single",
+        "labels": label_names,
+        "tokenizer": {"name_or_path": opts.tokenizer, "fingerprint": tokenizer_fingerprint(tok),
+                      "class": type(tok).__name__, "vocab_size": len(tok)},
+        "chunking": settings.as_dict(),
+        "columns": {"text": opts.text_column, "text_pair": opts.text_pair_column, "label": opts.label_column,
+                    "id": opts.id_column, "group": opts.group_column, "split": opts.split_column},
+        "clean": list(opts.clean),
+        "split_ratios": ratios_used,
+        "seed": opts.seed,
+        "sources": source_entries,
+        "dropped": dict(sorted(dropped_total.items())),
+        "dropped_before_split": dict(sorted(dropped_before_split.items())),
+        "splits": splits,
+    }
+
+
+def _replace_folder(tmp: Path, output: Path) -> None:
+    """Move the finished folder into place; an old output is moved aside first and removed afterwards."""
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(old)
+    tmp.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="doc", desc="data_prep", disable=not enabled or not sys.stderr.isatty(),
+                file=sys.stderr)
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """Load and check a data_prep output's manifest (the contract train relies on)."""
+    path = Path(data_dir) / MANIFEST
+    if not Path(data_dir).is_dir():
+        raise DataPrepError(f"{data_dir}: no such folder (expected a data_prep output)")
+    if not path.exists():
+        raise DataPrepError(f"{data_dir}: no {MANIFEST}; is this a data_prep output?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataPrepError(f"{path}: not valid JSON ({exc.msg})") from None
+    version = manifest.get("format_version")
+    if version != data_prep.FORMAT_VERSION:
+        raise DataPrepError(f"{path}: format_version {version!r}, this bertfit reads "
+                            f"{data_prep.FORMAT_VERSION}; re-run data_prep")
+    for key in ("labels", "tokenizer", "chunking", "splits"):
+        if key not in manifest:
+            raise DataPrepError(f"{path}: missing key {key!r}")
+    return manifest

