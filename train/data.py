@@ -1,0 +1,153 @@
+"""Batches for training and evaluation: read the shards, group windows of similar length, pad per batch.
+
+The training batch order is a pure function of (seed, epoch, rank, world size), so a run resumes mid-epoch by
+skipping the optimizer steps it already took: no sampler state to save, nothing replayed, nothing skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.errors import DataPrepError
+
+# Windows per "mega-batch" = MEGA_BATCH_STEPS micro-batches; windows are sorted by length only inside one,
+# so batches have similar lengths while the epoch stays well shuffled (as HF's LengthGroupedSampler).
+MEGA_BATCH_STEPS = 50
+
+
+def load_split(data_dir: str | Path, split: str, manifest: dict):
+    """The windows of one split as a ``datasets.Dataset`` (memory-mapped Arrow, not loaded into RAM)."""
+    import datasets
+
+    if split not in manifest["splits"]:
+        raise DataPrepError(f"{data_dir}: no split {split!r} (manifest has {', '.join(manifest['splits'])})")
+    path = Path(data_dir) / split
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataPrepError(f"{path}: cannot read shards: {str(exc).splitlines()[0]}") from None
+    expected = manifest["splits"][split]["windows"]
+    if ds.num_rows != expected:
+        raise DataPrepError(f"{path}: {ds.num_rows} windows but the manifest says {expected}; re-run data_prep")
+    return ds
+
+
+@dataclass
+class EpochPlan:
+    """How an epoch is cut: every rank takes the same number of micro-batches, in whole optimizer steps."""
+
+    micro_batches: list[list[int]]  # this rank's micro-batches (window indices), in order
+    steps: int  # optimizer steps in the epoch
+    dropped_windows: int  # windows not in any batch this epoch (the ragged end; a different set each epoch)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
+                  accumulation: int, length_grouping: bool = True) -> EpochPlan:
+    """This rank's micro-batches for one epoch.
+
+    1. shuffle all windows with (seed, epoch);
+    2. if length grouping: sort by length inside mega-batches of MEGA_BATCH_STEPS x world x batch windows;
+    3. cut into micro-batches; consecutive micro-batches (similar lengths) form one optimizer step across
+       all ranks: world_size x accumulation micro-batches; steps are then shuffled;
+    4. rank r takes micro-batches r, r + world, ... of each step; an incomplete last step is dropped so every
+       rank runs the same number of steps (no rank waits at a collective for a peer that is done).
+    """
+    n = len(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if length_grouping:
+        mega = MEGA_BATCH_STEPS * batch_size * world_size
+        parts = []
+        for start in range(0, n, mega):
+            part = order[start:start + mega]
+            parts.append(part[np.argsort(-lengths[part], kind="stable")])
+        order = np.concatenate(parts) if parts else order
+    micro = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    per_step = world_size * accumulation
+    steps = len(micro) // per_step
+    step_order = rng.permutation(steps)
+    mine = []
+    for s in step_order:
+        group = micro[s * per_step:(s + 1) * per_step]
+        mine.extend(group[rank::world_size])
+    used = sum(len(b) for b in micro[:steps * per_step])
+    return EpochPlan([b.tolist() for b in mine], steps, n - used)
+
+
+def steps_per_epoch(num_windows: int, batch_size: int, world_size: int, accumulation: int) -> int:
+    return (-(-num_windows // batch_size)) // (world_size * accumulation)
+
+
+class WindowBatches(torch.utils.data.Dataset):
+    """Index with a list of window indices, get a padded batch: input_ids, attention_mask, (token_type_ids),
+    labels, plus doc_ids/chunk_index/row for evaluation and real/padded token counts for throughput logging."""
+
+    def __init__(self, ds, pad_id: int, pad_to_multiple_of: int | None = None):
+        self.ds = ds
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.has_types = "token_type_ids" in ds.column_names
+        self.columns = [c for c in ("input_ids", "token_type_ids", "label", "doc_id", "chunk_index")
+                        if c in ds.column_names]
+
+    def __len__(self):
+        return self.ds.num_rows
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        rows = self.ds.select_columns(self.columns)[indices]
+        return collate_windows(rows, indices, self.pad_id, self.pad_to_multiple_of)
+
+
+def collate_windows(rows: dict, indices, pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    ids = rows["input_ids"]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    width = int(lengths.max())
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = x
+        mask[i, :len(x)] = 1
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+             "labels": torch.as_tensor(rows["label"], dtype=torch.long)}
+    if "token_type_ids" in rows:
+        types = np.zeros((len(ids), width), dtype=np.int64)
+        for i, x in enumerate(rows["token_type_ids"]):
+            types[i, :len(x)] = x
+        batch["token_type_ids"] = torch.from_numpy(types)
+    batch["doc_ids"] = torch.as_tensor(rows["doc_id"], dtype=torch.long)
+    batch["chunk_index"] = torch.as_tensor(rows["chunk_index"], dtype=torch.long)
+    batch["rows"] = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    batch["real_tokens"] = int(lengths.sum())
+    batch["padded_tokens"] = len(ids) * width
+    return batch
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+
+
+def make_loader(dataset: WindowBatches, batches: list[list[int]], num_workers: int, pin_memory: bool):
+    """A DataLoader over precomputed batches (each item is one whole padded batch).
+
+    It gets its own generator: a DataLoader otherwise draws a worker seed from the global torch RNG each time
+    it is iterated, which would shift the dropout stream when a resumed run starts iterating mid-epoch."""
+    return torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
+                                       pin_memory=pin_memory, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """Evaluation: windows sorted by length (least padding), batch k to rank k % world. Ranks may get one
+    batch more or less; every window is evaluated exactly once (results are gathered, not padded)."""
+    order = np.argsort(-lengths, kind="stable")
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    return batches[rank::world_size]

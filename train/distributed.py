@@ -1,0 +1,77 @@
+"""The Accelerator, set up the same way whatever the launcher: CPU processes, GPUs, DDP or DeepSpeed.
+
+Facts this relies on (checked, see the README's distributed section):
+- on a CPU-only machine `accelerate launch --multi_gpu` needs cpu=True to form one gloo process group;
+- DeepSpeed on CPU needs the gloo backend named explicitly;
+- with a custom batch sampler Accelerate cannot infer DeepSpeed's micro-batch size, and its "auto"
+  gradient_clipping becomes 1.0 whatever the run says; both are filled here from the run config.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from train.config import ConfigError, TrainConfig, trackers
+
+
+def uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    has_gpu = torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and not has_gpu:
+        raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 (or no) on CPU")
+    backend = "nccl" if has_gpu else "gloo"
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs"))
+    kwargs = {}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a backend given to a lone process makes it wait for peers
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend,
+                                                            timeout=timedelta(seconds=cfg.dist_timeout_s))]
+    if cfg.mixed_precision is not None:
+        kwargs["mixed_precision"] = cfg.mixed_precision
+    return Accelerator(
+        cpu=not has_gpu and not uses_deepspeed(),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=trackers(cfg) or None,
+        project_config=project,
+        **kwargs,
+    )
+
+
+def is_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def _fill(ds_config: dict, key: str, value, setting: str) -> None:
+    current = ds_config.get(key, "auto")
+    if current == "auto":
+        ds_config[key] = value
+    elif current != value:
+        raise ConfigError(f"DeepSpeed config sets {key}={current} but the run config has {setting}={value}; "
+                          f"set {key} to \"auto\" in the DeepSpeed JSON (the run config decides)")
+
+
+def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
+    """Fill the DeepSpeed config from the run config before ``accelerator.prepare``."""
+    if not is_deepspeed(accelerator):
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.per_device_batch_size, "per_device_batch_size")
+    _fill(ds, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, "gradient_accumulation_steps")
+    _fill(ds, "gradient_clipping", float(cfg.max_grad_norm or 0.0), "max_grad_norm")
+    ds["train_batch_size"] = (cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+                              * accelerator.num_processes)
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"the DeepSpeed config defines an {section}; bertfit uses torch AdamW and its own "
+                              f"LR schedule, remove the \"{section}\" section")
+    # Keep torch AdamW under CPU offload unless the config asks for DeepSpeed's own CPU Adam.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)

@@ -1,0 +1,381 @@
+"""The training loop, top to bottom. Run it with
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml -m train --config train/configs/tiny_smoke.yaml
+
+setup -> model and data -> resume -> for each epoch, for each optimizer step: accumulate micro-batches, clip,
+step, log; evaluate, export the best model, early-stop, checkpoint, honour SIGUSR1/SIGTERM -> finish.
+Each helper it calls does one named thing (train/config.py, data.py, optim.py, evaluation.py, checkpoint.py,
+export.py, distributed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.errors import DataPrepError
+from data_prep.prepare import read_manifest
+from data_prep.tokenizer import load_fast_tokenizer, resolve_pretrained_path, tokenizer_fingerprint
+from train import signals
+from train.checkpoint import (LoopState, latest_checkpoint, load_checkpoint, read_loop_state,
+                              remove_partial_checkpoints, save_checkpoint)
+from train.config import EXIT_CONFIG_ERROR, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig, flat_hparams, parse_config, to_dict
+from train.data import WindowBatches, epoch_batches, eval_batches, load_split, make_loader, model_inputs, steps_per_epoch
+from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator
+from train.evaluation import confusion_matrix_image, run_evaluation
+from train.export import export_model
+from train.optim import lr_at_step, make_optimizer, set_lr, warmup_steps_for
+from train.throughput import mfu, model_flops_per_token
+
+
+def train(cfg: TrainConfig) -> int:
+    # ---------------------------------------------------------------------------------------------- setup
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    print(f"bertfit: rank {rank} of world size {world} on {os.uname().nodename} "
+          f"(device {accelerator.device}, {accelerator.distributed_type.value}, "
+          f"mixed precision {accelerator.mixed_precision})", flush=True)
+
+    manifest = read_manifest(cfg.data)
+    label_names = manifest["labels"]
+    model_path = resolve_pretrained_path(cfg.model, option="model")
+    tokenizer = load_fast_tokenizer(model_path, option="model")
+    if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
+        raise ConfigError(f"model {cfg.model}: its tokenizer differs from the one {cfg.data} was prepared with "
+                          f"({manifest['tokenizer']['name_or_path']}); re-run data_prep with --tokenizer {cfg.model}")
+    check_early_stopping_metric(cfg, label_names)
+
+    train_ds = load_split(cfg.data, cfg.train_split, manifest)
+    eval_ds = load_split(cfg.data, cfg.eval_split, manifest) if cfg.eval_split else None
+    train_lengths = np.asarray(train_ds["length"])
+    spe = steps_per_epoch(len(train_lengths), cfg.per_device_batch_size, world, cfg.gradient_accumulation_steps)
+    if spe == 0:
+        raise ConfigError(f"split {cfg.train_split!r} has {len(train_lengths)} windows, fewer than one optimizer step "
+                          f"(per_device_batch_size x gradient_accumulation_steps x {world} processes)")
+    total_steps = cfg.max_steps if cfg.max_steps is not None else spe * cfg.epochs
+    epochs = math.ceil(total_steps / spe)  # max_steps overrides epochs
+    warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
+
+    # ---------------------------------------------------------------------------------- model & optimizer
+    accelerator.wait_for_everyone()
+    torch.manual_seed(cfg.seed)  # same classifier-head init on every rank
+    model = load_model(model_path, label_names, cfg.trust_remote_code, manifest["chunking"]["max_length"])
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    configure_deepspeed(accelerator, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad_multiple = 8 if accelerator.device.type == "cuda" else None  # tensor-core friendly shapes on GPU
+    train_windows = WindowBatches(train_ds, tokenizer.pad_token_id, pad_multiple)
+    eval_windows = WindowBatches(eval_ds, tokenizer.pad_token_id, pad_multiple) if eval_ds is not None else None
+    eval_bs = cfg.eval_batch_size or 2 * cfg.per_device_batch_size
+
+    # ------------------------------------------------------------------------------------------- resume
+    state = LoopState(world_size=world, seed=cfg.seed)
+    resume_from = pick_resume(cfg, out)
+    if main:
+        removed = remove_partial_checkpoints(out)
+        if removed:
+            print(f"bertfit: removed incomplete checkpoint(s) from a killed save: {', '.join(removed)}", flush=True)
+    accelerator.wait_for_everyone()
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        if state.world_size != world:
+            accelerator.print(f"bertfit: checkpoint was written by {state.world_size} processes, now {world}: "
+                              "the batch order after the resume point differs from an uninterrupted run")
+        accelerator.print(f"bertfit: resumed from {resume_from} (epoch {state.epoch}, step {state.global_step})")
+    else:
+        torch.manual_seed(cfg.seed + rank)  # dropout streams differ per rank, fixed per seed
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        trim_history(out, state.global_step)
+        write_status(out, "running", state.global_step, world=world)
+    accelerator.init_trackers("run", config=flat_hparams(cfg))
+    signals.install_stop_handlers()
+
+    flops_per_token = None
+    info = {"labels": label_names, "chunking": manifest["chunking"], "task": manifest.get("task", "single"),
+            "pooling": cfg.pooling, "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
+            "data": str(Path(cfg.data).resolve()), "config": to_dict(cfg)}
+    progress = make_progress(total_steps, state.global_step, main)
+    stop_reason = None
+    tracker = StepMeter(accelerator)
+
+    # ----------------------------------------------------------------------------------------- the loop
+    while state.epoch < epochs and state.global_step < total_steps and stop_reason is None:
+        plan = epoch_batches(train_lengths, cfg.per_device_batch_size, world, rank, cfg.seed, state.epoch,
+                             cfg.gradient_accumulation_steps, cfg.length_grouping)
+        gas = cfg.gradient_accumulation_steps
+        todo = plan.micro_batches[state.step_in_epoch * gas:]  # mid-epoch resume: skip the steps already taken
+        loader = iter(make_loader(train_windows, todo, cfg.num_workers, pin_memory=pad_multiple is not None))
+        model.train()
+        for _ in range(plan.steps - state.step_in_epoch):
+            lr = lr_at_step(state.global_step + 1, total_steps, warmup, cfg.learning_rate)
+            set_lr(optimizer, lr)
+            for _micro in range(gas):
+                batch = next(loader)
+                with accelerator.accumulate(model):
+                    loss = model(**model_inputs(batch, accelerator.device)).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = clip_or_measure(accelerator, model, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                tracker.add(loss.detach(), len(batch["labels"]), batch["real_tokens"], batch["padded_tokens"])
+            state.global_step += 1
+            state.step_in_epoch += 1
+            progress.update(1)
+
+            if state.global_step % cfg.log_every_steps == 0 or state.global_step == total_steps:
+                logs = tracker.flush(lr, grad_norm)
+                if cfg.peak_tflops:
+                    flops_per_token = flops_per_token or model_flops_per_token(
+                        accelerator.unwrap_model(model).config, logs.pop("_mean_padded_len"))
+                    if flops_per_token:
+                        logs["train/mfu"] = mfu(logs["train/tokens_per_s"], flops_per_token, cfg.peak_tflops, world)
+                logs.pop("_mean_padded_len", None)
+                accelerator.log(logs, step=state.global_step)
+                if main:
+                    append_history(out, {"step": state.global_step, "epoch": state.epoch, **logs})
+                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{lr:.2e}")
+
+            last_of_epoch = state.step_in_epoch == plan.steps
+            done = state.global_step >= total_steps
+            if eval_windows is not None and (last_of_epoch or done or (
+                    cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0)):
+                if evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_bs, label_names,
+                                       state, info, out):
+                    stop_reason = "early_stopped"
+                tracker.restart_clock()
+            requeue = stop_signal_received(accelerator)
+            if last_of_epoch:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            if (last_of_epoch or done or requeue or stop_reason
+                    or (cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0)):
+                path = save_checkpoint(accelerator, out, state, cfg.keep_last)
+                tracker.restart_clock()
+                if requeue:
+                    return requeue_exit(accelerator, out, state, path)
+            if stop_reason or done or last_of_epoch:
+                break
+
+    # ------------------------------------------------------------------------------------------- finish
+    if eval_windows is None:  # nothing to select on: the final model is the export
+        export_model(accelerator, model, tokenizer, out / "best", {**info, "step": state.global_step, "metrics": {}})
+    progress.close()
+    accelerator.end_training()
+    if main:
+        write_status(out, stop_reason or "completed", state.global_step, world=world,
+                     best_metric=state.best_metric, best_step=state.best_step, export=str(out / "best"))
+        print(f"bertfit: {stop_reason or 'completed'} at step {state.global_step}; best "
+              f"{cfg.early_stopping.metric}={state.best_metric} at step {state.best_step}; model: {out / 'best'}",
+              flush=True)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ loop helpers
+def load_model(model_path: str, label_names: list[str], trust_remote_code: bool, max_length: int):
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)}, trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=True)
+    except Exception as exc:
+        raise ConfigError(f"model {model_path}: cannot load: {str(exc).splitlines()[0]}") from None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and positions < max_length:
+        raise ConfigError(f"model {model_path}: {positions} positions, but the shards hold windows of up to "
+                          f"{max_length} tokens; re-run data_prep with --max-length {positions}")
+    return model
+
+
+def check_early_stopping_metric(cfg: TrainConfig, label_names: list[str]) -> None:
+    from train.metrics import classification_metrics
+
+    names = ["loss", *classification_metrics(list(range(len(label_names))), list(range(len(label_names))),
+                                             label_names)]
+    valid = [f"{level}_{n}" for level in ("doc", "window") for n in names]
+    if cfg.early_stopping.metric not in valid:
+        raise ConfigError(f"early_stopping.metric {cfg.early_stopping.metric!r} is not computed; choose from "
+                          f"{', '.join(valid)}")
+    if cfg.early_stopping.patience is not None and not cfg.eval_split:
+        raise ConfigError("early_stopping.patience needs an eval_split")
+
+
+def pick_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    choice = cfg.resume.strip()
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return latest_checkpoint(out)
+    path = Path(choice)
+    try:
+        read_loop_state(path)
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(f"resume {choice}: not a complete bertfit checkpoint (no readable loop_state.json)") from None
+    return path
+
+
+def clip_or_measure(accelerator, model, max_grad_norm: float | None):
+    """Clip to max_grad_norm and return the pre-clip global norm (a tensor; no host sync here).
+    Under DeepSpeed the engine clips (gradient_clipping) and reports the norm itself."""
+    if is_deepspeed(accelerator):
+        return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or 0.0)
+    return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+
+
+class StepMeter:
+    """Sums loss and token counts between log steps; one all-reduce per log step, not per micro-batch."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.loss = torch.zeros((), device=accelerator.device)
+        self.micro = self.samples = self.real = self.padded = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss, samples: int, real_tokens: int, padded_tokens: int) -> None:
+        self.loss += loss.float()
+        self.micro += 1
+        self.samples += samples
+        self.real += real_tokens
+        self.padded += padded_tokens
+
+    def restart_clock(self) -> None:  # evaluation and checkpoint time is not training throughput
+        self.start = time.perf_counter()
+
+    def flush(self, lr: float, grad_norm) -> dict:
+        a = self.accelerator
+        counts = torch.tensor([self.micro, self.samples, self.real, self.padded], dtype=torch.float64)
+        sums = torch.cat([self.loss.double().reshape(1), counts.to(a.device)])
+        if a.num_processes > 1:
+            sums = a.reduce(sums, reduction="sum")
+        loss_sum, micro, samples, real, padded = sums.tolist()  # the one host sync per log step
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        logs = {"train/loss": loss_sum / max(micro, 1), "train/lr": lr, "train/grad_norm": norm,
+                "train/tokens_per_s": real / elapsed, "train/samples_per_s": samples / elapsed,
+                "train/padding_fraction": 1.0 - real / max(padded, 1),
+                "_mean_padded_len": padded / max(samples, 1)}
+        self.loss.zero_()
+        self.micro = self.samples = self.real = self.padded = 0
+        self.start = time.perf_counter()
+        return logs
+
+
+def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_bs, label_names, state, info,
+                        out) -> bool:
+    """Evaluate, log, export on improvement; returns True when early stopping says stop (same on all ranks)."""
+    lengths = np.asarray(eval_windows.ds["length"])
+    batches = eval_batches(lengths, eval_bs, accelerator.num_processes, accelerator.process_index)
+    loader = make_loader(eval_windows, batches, cfg.num_workers, pin_memory=False)
+    metrics, matrix = run_evaluation(accelerator, model, loader, label_names, cfg.pooling, len(lengths))
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
+    es = cfg.early_stopping
+    value = metrics[es.metric]
+    improved = state.best_metric is None or (
+        value > state.best_metric + es.min_delta if es.mode == "max" else value < state.best_metric - es.min_delta)
+    # Decide once, on the main process, and share it: every rank must take the same branch below.
+    decision = torch.tensor([float(improved)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        decision = broadcast(decision, from_process=0)
+    improved = bool(decision.item())
+    if improved:
+        state.best_metric, state.best_step, state.bad_evals = value, state.global_step, 0
+        export_model(accelerator, model, tokenizer, out / "best",
+                     {**info, "step": state.global_step, "metrics": metrics})
+    else:
+        state.bad_evals += 1
+    if accelerator.is_main_process:
+        append_history(out, {"step": state.global_step, "epoch": state.epoch, "eval": metrics,
+                             "best": improved})
+        for tracker in accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                try:
+                    tracker.log_images({"eval/confusion_matrix": confusion_matrix_image(matrix, label_names)[None]},
+                                       step=state.global_step, dataformats="NHWC")
+                except Exception as exc:  # an image is a nicety; never let it stop training
+                    print(f"bertfit: could not log the confusion matrix to {tracker.name}: {exc}", flush=True)
+        print(f"bertfit: eval at step {state.global_step}: {es.metric}={value:.4f}"
+              f"{' (best)' if improved else ''}; doc_accuracy={metrics['doc_accuracy']:.4f} "
+              f"window_accuracy={metrics['window_accuracy']:.4f} doc_loss={metrics['doc_loss']:.4f}", flush=True)
+    return es.patience is not None and state.bad_evals >= es.patience
+
+
+def stop_signal_received(accelerator) -> bool:
+    """True on every rank if any rank got SIGUSR1/SIGTERM (so all checkpoint at the same step)."""
+    flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="max")
+    return bool(flag.item())
+
+
+def requeue_exit(accelerator, out: Path, state: LoopState, path: Path) -> int:
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        write_status(out, "requeue", state.global_step, checkpoint=str(path),
+                     signal=signals.requested_signal_name())
+        print(f"bertfit: {signals.requested_signal_name() or 'stop signal'} received: checkpoint {path} written; "
+              f"exiting with {EXIT_REQUEUE} (relaunch with resume: auto to continue)", flush=True)
+    return EXIT_REQUEUE
+
+
+def make_progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def write_status(out: Path, state: str, step: int, **extra) -> None:
+    """output_dir/run_status.json: what the last run did (the SLURM scripts read it to decide on requeue)."""
+    data = {"state": state, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    tmp = out / ".run_status.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, out / "run_status.json")
+
+
+def history_path(out: Path) -> Path:
+    return out / "logs" / "history.jsonl"
+
+
+def append_history(out: Path, record: dict) -> None:
+    path = history_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def trim_history(out: Path, step: int) -> None:
+    """On resume, drop records of steps after the checkpoint: they are about to be redone."""
+    path = history_path(out)
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = parse_config(argv)
+        return train(cfg)
+    except (ConfigError, DataPrepError) as exc:
+        if os.environ.get("RANK", "0") == "0":  # the same error on every rank: say it once
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        try:
+            if "cfg" in locals() and os.environ.get("RANK", "0") == "0" and Path(cfg.output_dir).is_dir():
+                write_status(Path(cfg.output_dir), "failed", 0, error=str(exc))
+        except OSError:
+            pass
+        return EXIT_CONFIG_ERROR
