@@ -1,0 +1,228 @@
+"""Classification metrics for the training loop and the evaluate CLI, computed through `evaluate`.
+
+bertfit ships its own `evaluate` modules (``train/metrics/<name>/<name>.py``: accuracy, precision,
+recall, f1; numpy only) because ``evaluate`` ships none and ``evaluate.load("accuracy")`` needs the
+Hub. Loading them by local path works with ``HF_HUB_OFFLINE=1``.
+
+How `evaluate` treats a local module, and what this file does about it:
+
+* ``evaluate.load(path)`` copies the script into ``$HF_MODULES_CACHE/evaluate_modules/metrics/
+  <name>/<sha256 of the code>/`` (default ``~/.cache/huggingface/modules``) and imports it from
+  there. The copy is made under a file lock (``.../metrics/<name>.lock``), so two processes loading
+  at once are safe (tests/test_metrics.py starts two at the same moment on an empty cache).
+* ``compute()`` by default writes the predictions to an Arrow file
+  ``$HF_METRICS_CACHE/<name>/default/<experiment_id>-1-0.arrow`` guarded by a lock. With the default
+  ``experiment_id`` two processes computing at the same time collide on that lock: the second one
+  stalls for its 1 s lock timeout, then falls back to a random file name. We load every module with
+  ``keep_in_memory=True`` (no cache files, no locks during compute) and a per-process
+  ``experiment_id`` anyway, so concurrent jobs never wait on each other.
+
+Import cost: this module imports only numpy; `evaluate` is imported on the first
+:func:`load_classification_metrics` call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import evaluate
+
+__all__ = [
+    "METRICS_DIR",
+    "METRIC_NAMES",
+    "classification_metrics",
+    "confusion_matrix",
+    "load_classification_metrics",
+    "metric_path",
+    "sanitize_label_name",
+]
+
+METRICS_DIR = Path(__file__).resolve().parent
+"""The folder holding the evaluate modules, one ``<name>/<name>.py`` per metric."""
+
+METRIC_NAMES = ("accuracy", "precision", "recall", "f1")
+
+_RESERVED_SUFFIXES = frozenset({"macro", "micro", "weighted", "binary"})
+
+_load_lock = threading.Lock()
+_loaded: dict[tuple[int, str | None], dict[str, Any]] = {}
+
+
+def metric_path(name: str) -> Path:
+    """Path of the shipped module script for metric ``name`` (one of :data:`METRIC_NAMES`)."""
+    if name not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {name!r}; bertfit ships {list(METRIC_NAMES)}")
+    return METRICS_DIR / name / f"{name}.py"
+
+
+def load_classification_metrics(cache_dir: str | os.PathLike | None = None) -> dict[str, "evaluate.EvaluationModule"]:
+    """Load the four shipped modules once per process; returns ``{name: EvaluationModule}``.
+
+    Works offline: each module is loaded from its local path. Modules are kept in memory
+    (``keep_in_memory=True``) with a per-process ``experiment_id``, so several processes can load and
+    compute concurrently without touching shared cache files. ``cache_dir`` only moves the (then
+    empty) per-metric folders evaluate creates, default ``$HF_METRICS_CACHE``.
+
+    The returned modules are shared within the process; they are not thread-safe (``compute`` buffers
+    its inputs on the instance), so do not call the same one from two threads at once.
+    """
+    key = (os.getpid(), None if cache_dir is None else str(cache_dir))
+    with _load_lock:
+        modules = _loaded.get(key)
+        if modules is None:
+            import evaluate  # lazy: keeps `import train.metrics` cheap
+
+            experiment_id = f"bertfit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            modules = {}
+            for name in METRIC_NAMES:
+                path = metric_path(name)
+                if not path.is_file():
+                    raise FileNotFoundError(f"metric module {path} is missing from the bertfit install")
+                modules[name] = evaluate.load(
+                    str(path),
+                    keep_in_memory=True,
+                    experiment_id=experiment_id,
+                    cache_dir=None if cache_dir is None else str(cache_dir),
+                )
+            _loaded[key] = modules
+    return dict(modules)
+
+
+def sanitize_label_name(name: str) -> str:
+    """Replace every character outside ``[A-Za-z0-9_]`` by ``_`` ("sci/tech" -> "sci_tech")."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", str(name))
+
+
+def _label_keys(label_names: Sequence[str]) -> list[str]:
+    """One unique, sanitized key part per label, in label-id order.
+
+    An empty name, a name that would clash with an average key (``f1_macro``, ``f1_binary``, ...) or a
+    name that sanitizes to the same string as an earlier label gets its class id appended
+    ("a/b", "a-b" -> "a_b", "a_b_1").
+    """
+    keys: list[str] = []
+    used: set[str] = set()
+    for idx, name in enumerate(label_names):
+        key = sanitize_label_name(name)
+        if not key:
+            key = f"label_{idx}"
+        if key in _RESERVED_SUFFIXES or key in used:
+            key = f"{key}_{idx}"
+        while key in used:  # pathological names such as ["a_1", "a", "a"]
+            key = f"{key}_{idx}"
+        used.add(key)
+        keys.append(key)
+    return keys
+
+
+def _as_label_ids(values: Any, what: str) -> np.ndarray:
+    """Convert a list / numpy array / torch tensor of class ids to a 1-D int64 array."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):  # torch.Tensor, without importing torch
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.ndim == 0:
+        raise ValueError(f"{what} must be a 1-D sequence of class ids, got a scalar")
+    if array.ndim != 1:
+        raise ValueError(
+            f"{what} must be a 1-D sequence of class ids, got shape {array.shape} "
+            "(pass argmax over the logits, not the logits)"
+        )
+    if array.size == 0:
+        return array.astype(np.int64)
+    if array.dtype == bool:
+        return array.astype(np.int64)
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.int64, copy=False)
+    if np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+        return array.astype(np.int64)
+    raise ValueError(f"{what} must hold integer class ids, got dtype {array.dtype}")
+
+
+def _checked_pair(
+    predictions: Any, references: Any, num_labels: int, allow_empty: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    if num_labels < 1:
+        raise ValueError(f"need at least one label, got num_labels={num_labels}")
+    y_pred = _as_label_ids(predictions, "predictions")
+    y_true = _as_label_ids(references, "references")
+    if y_pred.shape[0] != y_true.shape[0]:
+        raise ValueError(
+            f"predictions and references differ in length: {y_pred.shape[0]} vs {y_true.shape[0]}"
+        )
+    if y_true.shape[0] == 0 and not allow_empty:
+        raise ValueError("cannot compute classification metrics on an empty evaluation set (0 examples)")
+    for what, array in (("predictions", y_pred), ("references", y_true)):
+        bad = (array < 0) | (array >= num_labels)
+        if bad.any():
+            raise ValueError(
+                f"{what} hold class ids outside [0, {num_labels}): {np.unique(array[bad])[:10].tolist()} "
+                "(drop ignored positions such as -100 before computing metrics)"
+            )
+    return y_pred, y_true
+
+
+def classification_metrics(
+    predictions: Any,
+    references: Any,
+    label_names: Sequence[str],
+    prefix: str = "",
+) -> dict[str, float]:
+    """Accuracy, macro precision/recall/F1 and per-class F1, computed by the shipped evaluate modules.
+
+    ``predictions`` and ``references`` are class ids in ``[0, len(label_names))`` (lists, numpy arrays
+    or torch tensors). Every class id is scored (``labels=range(len(label_names))``), so classes missing
+    from a small evaluation set count as 0 in the macro averages (``zero_division=0``).
+
+    Returns a flat dict of plain floats with keys (each prefixed by ``prefix``): ``accuracy``,
+    ``precision_macro``, ``recall_macro``, ``f1_macro``, ``f1_<label>`` for every label (names
+    sanitized to ``[A-Za-z0-9_]``, see :func:`_label_keys` for clashes), and with exactly two labels
+    ``f1_binary`` (positive class = id 1).
+    """
+    if isinstance(label_names, str):
+        raise TypeError("label_names must be a sequence of names, not a single string")
+    label_names = list(label_names)
+    num_labels = len(label_names)
+    y_pred, y_true = _checked_pair(predictions, references, num_labels)
+    labels = list(range(num_labels))
+    modules = load_classification_metrics()
+
+    results: dict[str, float] = {}
+    results["accuracy"] = modules["accuracy"].compute(predictions=y_pred, references=y_true)["accuracy"]
+    for name in ("precision", "recall", "f1"):
+        out = modules[name].compute(
+            predictions=y_pred, references=y_true, labels=labels, average="macro", zero_division=0.0
+        )
+        results[f"{name}_macro"] = out[name]
+    per_class = modules["f1"].compute(
+        predictions=y_pred, references=y_true, labels=labels, average=None, zero_division=0.0
+    )["f1"]
+    per_class = np.asarray(per_class, dtype=np.float64).reshape(-1)
+    if per_class.shape[0] != num_labels:  # defensive: the module must return one score per label
+        raise RuntimeError(f"f1 module returned {per_class.shape[0]} per-class scores for {num_labels} labels")
+    for key, score in zip(_label_keys(label_names), per_class):
+        results[f"f1_{key}"] = score
+    if num_labels == 2:
+        results["f1_binary"] = modules["f1"].compute(
+            predictions=y_pred, references=y_true, average="binary", pos_label=1, zero_division=0.0
+        )["f1"]
+    return {f"{prefix}{key}": float(value) for key, value in results.items()}
+
+
+def confusion_matrix(predictions: Any, references: Any, num_labels: int) -> np.ndarray:
+    """``(num_labels, num_labels)`` int64 counts; rows are true labels, columns predicted labels.
+
+    Pure numpy. Empty inputs give an all-zero matrix; class ids outside ``[0, num_labels)`` raise.
+    """
+    num_labels = int(num_labels)
+    y_pred, y_true = _checked_pair(predictions, references, num_labels, allow_empty=True)
+    counts = np.bincount(y_true * num_labels + y_pred, minlength=num_labels * num_labels)
+    return counts.reshape(num_labels, num_labels).astype(np.int64, copy=False)
