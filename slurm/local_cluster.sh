@@ -1,0 +1,327 @@
+#!/usr/bin/env bash
+# slurm/local_cluster.sh — a REAL local SLURM cluster on this one machine, for tests and demos.
+#
+#   sudo slurm/local_cluster.sh start    # bring it up (idempotent); waits until both nodes are idle
+#   sudo slurm/local_cluster.sh status   # sinfo + squeue (exit 0 when up, 3 when down)
+#   sudo slurm/local_cluster.sh stop     # cancel jobs, scontrol shutdown, munged --stop, wait for pids
+#   eval "$(slurm/local_cluster.sh env)" # export SLURM_CONF for sbatch/squeue/scontrol in this shell
+#
+# What it runs: Debian's slurmctld + two `slurmd -N nodeX` (emulated nodes node1 and node2, both on
+# 127.0.0.1 with their own ports) + a private munged (own key and socket). Nothing else on the machine is
+# touched except: `127.0.0.1 node1 node2` is appended to /etc/hosts when those names do not resolve, and
+# /etc/slurm/slurm.conf is made a symlink to the generated config when that path is free (so plain
+# `sbatch` works); `stop` removes that symlink again. Missing packages (slurmctld slurmd slurm-client
+# munge) are installed with apt-get. Must run as root (the daemons run as root; jobs run as root).
+#
+# Partitions:  debug  (default, low priority, PreemptMode=REQUEUE, GraceTime=10 s)
+#              urgent (high priority; a job here that needs the CPUs preempts and requeues debug jobs)
+# Each node has BERTFIT_SLURM_CPUS_PER_NODE CPUs (default 2; oversubscribing a small machine is fine).
+# Short KillWait, AuthInfo cred_expire and a long MinJobAge make requeue cycles fast and keep
+# `scontrol show job` answering for 10 minutes after a job ends (there is no slurmdbd, so no sacct;
+# finished jobs are also logged by jobcomp/filetxt to $BERTFIT_SLURM_DIR/log/jobcomp.log).
+#
+# Environment:
+#   BERTFIT_SLURM_DIR          scratch folder for ALL state, logs and the config (default /tmp/bertfit-slurm;
+#                              every parent must be world-executable, or munged refuses its socket)
+#   BERTFIT_SLURMCTLD_PORT     slurmctld port (default 16817); node1/node2 use BERTFIT_SLURMD_PORT and +1
+#   BERTFIT_SLURMD_PORT        (default 16818), chosen away from a system SLURM's 6817/6818
+#   BERTFIT_SLURM_CPUS_PER_NODE  CPUs per emulated node (default 2)
+#   BERTFIT_SLURM_KEEP_STATE=1 keep slurmctld's saved jobs across start (default: start clean)
+set -euo pipefail
+export PATH=$PATH:/usr/sbin:/sbin   # daemons, runuser and mungekey live there; a non-login root shell may lack it
+
+PROG=local_cluster
+BASE=${BERTFIT_SLURM_DIR:-/tmp/bertfit-slurm}
+BASE=$(realpath -m -- "$BASE")
+CTLD_PORT=${BERTFIT_SLURMCTLD_PORT:-16817}
+SLURMD_PORT=${BERTFIT_SLURMD_PORT:-16818}
+CPUS=${BERTFIT_SLURM_CPUS_PER_NODE:-2}
+NODES=(node1 node2)
+CONF=$BASE/etc/slurm.conf
+MUNGE_DIR=$BASE/munge
+MUNGE_SOCKET=$MUNGE_DIR/munge.socket
+MUNGE_PID=$MUNGE_DIR/munged.pid
+CTLD_PID=$BASE/run/slurmctld.pid
+ETC_LINK=/etc/slurm/slurm.conf
+export SLURM_CONF=$CONF
+
+say() { echo "$PROG: $*"; }
+die() {  # one clear line, then (optionally) the tail of a log file
+    echo "$PROG: error: $1" >&2
+    if [ -n "${2:-}" ] && [ -f "$2" ]; then
+        echo "---- last lines of $2 ----" >&2
+        tail -n "${3:-15}" "$2" >&2
+    fi
+    exit 1
+}
+
+need_root() {
+    [ "$(id -u)" = 0 ] || die "must run as root (it starts slurmctld/slurmd/munged and edits /etc/hosts); try: sudo $0 ${1:-start}"
+}
+
+pid_alive() {  # pid_alive PIDFILE -> 0 if the process in PIDFILE runs
+    local p
+    [ -s "$1" ] || return 1
+    p=$(cat "$1" 2>/dev/null) || return 1
+    [ -n "$p" ] && kill -0 "$p" 2>/dev/null
+}
+slurmd_pid() { echo "$BASE/run/slurmd-$1.pid"; }
+
+ensure_packages() {
+    local missing=()
+    for b in slurmctld slurmd sinfo sbatch scontrol munged mungekey; do
+        command -v "$b" >/dev/null 2>&1 || missing+=("$b")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get; install slurmctld slurmd slurm-client munge"
+    say "installing slurmctld slurmd slurm-client munge (missing: ${missing[*]})"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge; } \
+        >"/tmp/$PROG-apt.log" 2>&1 || die "apt-get install failed" "/tmp/$PROG-apt.log"
+}
+
+ensure_hosts() {
+    local n addr missing=()
+    for n in "${NODES[@]}"; do
+        addr=$(getent hosts "$n" | awk '{print $1; exit}') || true
+        if [ -z "$addr" ]; then
+            missing+=("$n")
+        elif [ "$addr" != 127.0.0.1 ]; then
+            die "host name $n resolves to $addr, not 127.0.0.1; fix /etc/hosts"
+        fi
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "127.0.0.1 ${missing[*]}" >>/etc/hosts || die "cannot append '127.0.0.1 ${missing[*]}' to /etc/hosts"
+        say "added '127.0.0.1 ${missing[*]}' to /etc/hosts"
+    fi
+}
+
+write_conf() {
+    local host i port
+    host=$(hostname -s)
+    mkdir -p "$BASE/etc" "$BASE/state" "$BASE/spool" "$BASE/run" "$BASE/log"
+    {
+        echo "# Generated by bertfit slurm/local_cluster.sh — a two-node test cluster on 127.0.0.1."
+        echo "ClusterName=bertfit"
+        echo "SlurmctldHost=$host(127.0.0.1)"
+        echo "SlurmctldPort=$CTLD_PORT"
+        echo "SlurmUser=root"
+        echo "SlurmdUser=root"
+        echo "AuthType=auth/munge"
+        echo "CredType=cred/munge"
+        echo "AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5"
+        echo "StateSaveLocation=$BASE/state"
+        echo "SlurmdSpoolDir=$BASE/spool/slurmd-%n"
+        echo "SlurmctldPidFile=$CTLD_PID"
+        echo "SlurmdPidFile=$BASE/run/slurmd-%n.pid"
+        echo "SlurmctldLogFile=$BASE/log/slurmctld.log"
+        echo "SlurmdLogFile=$BASE/log/slurmd-%n.log"
+        echo "ProctrackType=proctrack/linuxproc"
+        echo "TaskPlugin=task/none"
+        echo "MpiDefault=none"
+        echo "SchedulerType=sched/backfill"
+        echo "SchedulerParameters=sched_interval=2,bf_interval=2"
+        echo "SelectType=select/cons_tres"
+        echo "SelectTypeParameters=CR_Core"
+        echo "SlurmdParameters=config_overrides"
+        echo "AccountingStorageType=accounting_storage/none"
+        echo "JobAcctGatherType=jobacct_gather/none"
+        echo "JobCompType=jobcomp/filetxt"
+        echo "JobCompLoc=$BASE/log/jobcomp.log"
+        echo "PreemptType=preempt/partition_prio"
+        echo "PreemptMode=REQUEUE"
+        echo "SlurmctldParameters=preempt_send_user_signal"
+        echo "JobRequeue=1"
+        echo "ReturnToService=2"
+        echo "InactiveLimit=0"
+        echo "MinJobAge=600"
+        echo "KillWait=5"
+        echo "Waittime=0"
+        echo "MessageTimeout=10"
+        echo "MailProg=/bin/true"
+        i=0
+        for n in "${NODES[@]}"; do
+            port=$((SLURMD_PORT + i))
+            echo "NodeName=$n NodeHostname=$host NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS RealMemory=2000 State=UNKNOWN"
+            i=$((i + 1))
+        done
+        echo "PartitionName=debug  Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1   PreemptMode=REQUEUE GraceTime=10"
+        echo "PartitionName=urgent Nodes=node[1-2] Default=NO  MaxTime=INFINITE State=UP PriorityTier=100 PreemptMode=OFF"
+    } >"$CONF.tmp"
+    mv -f "$CONF.tmp" "$CONF"
+}
+
+link_etc_conf() {  # make plain `sbatch` find the config, unless /etc/slurm/slurm.conf is taken
+    mkdir -p /etc/slurm
+    if [ -L "$ETC_LINK" ] && [ "$(readlink "$ETC_LINK")" = "$CONF" ]; then
+        return 0
+    elif [ ! -e "$ETC_LINK" ]; then  # absent, or a dangling link left by an earlier cluster
+        ln -sfn "$CONF" "$ETC_LINK"
+    else
+        say "note: $ETC_LINK is not ours; use: export SLURM_CONF=$CONF"
+    fi
+}
+
+munge_ok() { pid_alive "$MUNGE_PID" && munge -n -S "$MUNGE_SOCKET" 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; }
+
+start_munge() {
+    munge_ok && return 0
+    id munge >/dev/null 2>&1 || die "user 'munge' does not exist (is the munge package installed?)"
+    mkdir -p "$MUNGE_DIR"
+    chmod 755 "$BASE" "$MUNGE_DIR"
+    if [ ! -s "$MUNGE_DIR/munge.key" ]; then
+        mungekey --create --keyfile="$MUNGE_DIR/munge.key" >/dev/null 2>&1 \
+            || dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1 count=128 status=none
+    fi
+    chown -R munge:munge "$MUNGE_DIR"
+    chmod 400 "$MUNGE_DIR/munge.key"
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+    runuser -u munge -- /usr/sbin/munged --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/munge.key" \
+        --pid-file="$MUNGE_PID" --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed" \
+        >>"$BASE/log/munged.start.log" 2>&1 || true
+    for _ in $(seq 1 50); do munge_ok && return 0; sleep 0.1; done
+    [ -f "$MUNGE_DIR/munged.log" ] || cp "$BASE/log/munged.start.log" "$MUNGE_DIR/munged.log" 2>/dev/null || true
+    die "munged did not come up (socket $MUNGE_SOCKET)" "$MUNGE_DIR/munged.log"
+}
+
+start_slurmctld() {
+    pid_alive "$CTLD_PID" && return 0
+    local clean=-c
+    [ "${BERTFIT_SLURM_KEEP_STATE:-0}" = 1 ] && clean=-i
+    /usr/sbin/slurmctld -f "$CONF" $clean >>"$BASE/log/slurmctld.start.log" 2>&1 \
+        || die "slurmctld failed to start" "$BASE/log/slurmctld.log"
+    for i in $(seq 1 100); do
+        scontrol ping 2>/dev/null | grep -q "is UP" && return 0
+        if [ "$i" -ge 10 ] && ! pid_alive "$CTLD_PID"; then
+            die "slurmctld exited during start-up" "$BASE/log/slurmctld.log"
+        fi
+        sleep 0.2
+    done
+    die "slurmctld did not answer 'scontrol ping' within 20 s" "$BASE/log/slurmctld.log"
+}
+
+start_slurmd() {
+    local n=$1
+    pid_alive "$(slurmd_pid "$n")" && return 0
+    mkdir -p "$BASE/spool/slurmd-$n"
+    /usr/sbin/slurmd -f "$CONF" -N "$n" >>"$BASE/log/slurmd-$n.start.log" 2>&1 \
+        || die "slurmd -N $n failed to start" "$BASE/log/slurmd-$n.log"
+}
+
+idle_count() { sinfo -h -N -p debug -t idle -o '%N' 2>/dev/null | sort -u | wc -l; }
+
+all_up() {
+    munge_ok || return 1
+    pid_alive "$CTLD_PID" || return 1
+    for n in "${NODES[@]}"; do pid_alive "$(slurmd_pid "$n")" || return 1; done
+    scontrol ping 2>/dev/null | grep -q "is UP"
+}
+
+cmd_start() {
+    need_root start
+    ensure_packages
+    if all_up; then
+        link_etc_conf
+        say "already running (BERTFIT_SLURM_DIR=$BASE); export SLURM_CONF=$CONF"
+        exit 0
+    fi
+    mkdir -p "$BASE"
+    # Rewrite the config only while no slurm daemon of ours runs (a half-up cluster keeps its config).
+    if ! pid_alive "$CTLD_PID" && ! pid_alive "$(slurmd_pid node1)" && ! pid_alive "$(slurmd_pid node2)"; then
+        write_conf
+    fi
+    ensure_hosts
+    link_etc_conf
+    start_munge
+    start_slurmctld
+    for n in "${NODES[@]}"; do start_slurmd "$n"; done
+    local n_idle=0
+    for i in $(seq 1 150); do
+        n_idle=$(idle_count)
+        [ "$n_idle" -ge ${#NODES[@]} ] && break
+        if [ "$i" -ge 10 ]; then
+            for n in "${NODES[@]}"; do
+                pid_alive "$(slurmd_pid "$n")" || die "slurmd for $n exited during start-up" "$BASE/log/slurmd-$n.log"
+            done
+        fi
+        # A node left DOWN/DRAIN by an earlier run: give it back to service once.
+        if [ "$i" = 25 ]; then scontrol update nodename=node[1-2] state=resume >/dev/null 2>&1 || true; fi
+        sleep 0.2
+    done
+    if [ "$n_idle" -lt ${#NODES[@]} ]; then
+        sinfo -N -o '%N %T %E' >&2 || true
+        for n in "${NODES[@]}"; do
+            pid_alive "$(slurmd_pid "$n")" || die "slurmd for $n is not running" "$BASE/log/slurmd-$n.log"
+        done
+        die "nodes not idle after 30 s (see sinfo above)" "$BASE/log/slurmctld.log"
+    fi
+    say "up: nodes ${NODES[*]} idle, partitions debug (default) and urgent; BERTFIT_SLURM_DIR=$BASE"
+    say "use: export SLURM_CONF=$CONF"
+}
+
+cmd_stop() {
+    need_root stop
+    local pids=() p n
+    if pid_alive "$CTLD_PID"; then
+        # Cancel jobs first so no slurmstepd outlives the daemons.
+        if [ -n "$(squeue -h -o %i 2>/dev/null | head -1)" ]; then
+            scancel --full $(squeue -h -o %i 2>/dev/null) >/dev/null 2>&1 || true
+            for _ in $(seq 1 50); do
+                [ -z "$(squeue -h -o %i 2>/dev/null | head -1)" ] && break
+                sleep 0.2
+            done
+        fi
+        pids+=("$(cat "$CTLD_PID")")
+        for n in "${NODES[@]}"; do pid_alive "$(slurmd_pid "$n")" && pids+=("$(cat "$(slurmd_pid "$n")")"); done
+        scontrol shutdown >/dev/null 2>&1 || true
+    else
+        for n in "${NODES[@]}"; do
+            if pid_alive "$(slurmd_pid "$n")"; then
+                p=$(cat "$(slurmd_pid "$n")"); pids+=("$p"); kill -TERM "$p" 2>/dev/null || true
+            fi
+        done
+    fi
+    wait_pids 15 "${pids[@]}" || true   # slurm daemons first: they need munge until the end
+    if pid_alive "$MUNGE_PID"; then
+        pids+=("$(cat "$MUNGE_PID")")
+        /usr/sbin/munged --stop --socket="$MUNGE_SOCKET" >/dev/null 2>&1 || kill -TERM "$(cat "$MUNGE_PID")" 2>/dev/null || true
+    fi
+    if ! wait_pids 10 "${pids[@]}"; then
+        for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+        say "warning: had to SIGKILL leftover daemons"
+    fi
+    if [ -L "$ETC_LINK" ] && [ "$(readlink "$ETC_LINK")" = "$CONF" ]; then rm -f "$ETC_LINK"; fi
+    say "stopped (state and logs kept in $BASE)"
+}
+
+wait_pids() {  # wait_pids SECONDS PID... -> 0 when all gone
+    local t=$1 p alive
+    shift
+    [ $# -eq 0 ] && return 0
+    for _ in $(seq 1 $((t * 5))); do
+        alive=0
+        for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+cmd_status() {
+    if ! pid_alive "$CTLD_PID" || ! scontrol ping 2>/dev/null | grep -q "is UP"; then
+        say "not running (BERTFIT_SLURM_DIR=$BASE)"
+        exit 3
+    fi
+    say "running (BERTFIT_SLURM_DIR=$BASE, SLURM_CONF=$CONF)"
+    sinfo
+    echo
+    squeue -o '%.8i %.10P %.20j %.9T %.10M %.6D %R'
+}
+
+case "${1:-}" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    env) echo "export SLURM_CONF=$CONF" ;;
+    *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac
