@@ -48,7 +48,7 @@ class TrainConfig:
     epochs: int = 3
     """Passes over the training windows."""
     max_steps: Optional[int] = None
-    """Stop after this many optimizer steps (also sizes the LR schedule); null = epochs decide."""
+    """Total optimizer steps; overrides epochs and sizes the LR schedule. null = epochs decide."""
     per_device_batch_size: int = 16
     """Windows per forward pass on each process."""
     eval_batch_size: Optional[int] = None
@@ -123,9 +123,13 @@ def _parser():
 
 
 def _one_line(message: str) -> str:
-    lines = [x.strip() for x in str(message).splitlines() if x.strip()]
-    text = " ".join(lines)
+    """jsonargparse's multi-line messages as one line in the words of this config."""
+    import re
+
+    text = " ".join(x.strip() for x in str(message).splitlines() if x.strip())
     text = text.replace('Parser key "', "field '").replace('":', "':")
+    text = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", text)
+    text = re.sub(r"Option '([^']+)' is not accepted", r"unknown field '\1' (see --help for the fields)", text)
     return text
 
 

@@ -45,7 +45,10 @@ def train(cfg: TrainConfig) -> int:
           f"(device {accelerator.device}, {accelerator.distributed_type.value}, "
           f"mixed precision {accelerator.mixed_precision})", flush=True)
 
-    manifest = read_manifest(cfg.data)
+    try:
+        manifest = read_manifest(cfg.data)
+    except DataPrepError as exc:
+        raise ConfigError(f"data: {exc}") from None
     label_names = manifest["labels"]
     model_path = resolve_pretrained_path(cfg.model, option="model")
     tokenizer = load_fast_tokenizer(model_path, option="model")
@@ -144,7 +147,7 @@ def train(cfg: TrainConfig) -> int:
                 accelerator.log(logs, step=state.global_step)
                 if main:
                     append_history(out, {"step": state.global_step, "epoch": state.epoch, **logs})
-                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{lr:.2e}")
+                    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
 
             last_of_epoch = state.step_in_epoch == plan.steps
             done = state.global_step >= total_steps
@@ -172,6 +175,7 @@ def train(cfg: TrainConfig) -> int:
         export_model(accelerator, model, tokenizer, out / "best", {**info, "step": state.global_step, "metrics": {}})
     progress.close()
     accelerator.end_training()
+    print(f"bertfit: rank {rank} finished at step {state.global_step} ({stop_reason or 'completed'})", flush=True)
     if main:
         write_status(out, stop_reason or "completed", state.global_step, world=world,
                      best_metric=state.best_metric, best_step=state.best_step, export=str(out / "best"))
@@ -334,7 +338,10 @@ def requeue_exit(accelerator, out: Path, state: LoopState, path: Path) -> int:
 def make_progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    # In a batch log (no terminal) redraw rarely instead of flooding the file with carriage returns.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True,
+                mininterval=interval)
 
 
 def write_status(out: Path, state: str, step: int, **extra) -> None:

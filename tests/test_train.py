@@ -1,0 +1,351 @@
+"""The training loop, run for real with a tiny random BERT in 1 and 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.launch import (ROOT, assert_two_ranks, eval_records, final_weights, history, kill_tree, ranks, run,
+                          start, tail, train_command, train_env, train_records, trainer_processes, wait_for_step,
+                          write_config)
+from train.checkpoint import complete_checkpoints, latest_checkpoint
+from train.data import steps_per_epoch
+
+pytestmark = pytest.mark.timeout(900)
+EVAL_BS = 3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model):
+    """Tiny shards: 2 labels, documents of 1-4 windows of at most 24 tokens."""
+    from data_prep.cli import main as prep_main
+    from train.tiny_model import write_synthetic_csv
+
+    root = tmp_path_factory.mktemp("prepared")
+    csv_path = write_synthetic_csv(root / "data.csv", 150, num_labels=2, seed=1)
+    out = root / "shards"
+    rc = prep_main(["--input", str(csv_path), "--output", str(out), "--tokenizer", str(tiny_model), "--max-length",
+                    "24", "--id-column", "id", "--quiet"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    return out, manifest
+
+
+def base_config(tiny_model, data, out, **over) -> dict:
+    cfg = dict(model=str(tiny_model), data=str(data), output_dir=str(out), seed=7, epochs=2,
+               per_device_batch_size=4, eval_batch_size=EVAL_BS, learning_rate=2e-3, warmup_steps=2,
+               log_every_steps=1, save_every_steps=5, keep_last=10, report_to="tensorboard")
+    cfg.update(over)
+    return cfg
+
+
+def launch_run(tmp_path, name, cfg: dict, nproc=2, overrides=(), timeout=300, accelerate_config="cpu.yaml"):
+    config = write_config(tmp_path / f"{name}.yaml", **cfg)
+    log = tmp_path / f"{name}.log"
+    cmd = train_command(config, nproc, accelerate_config if nproc > 1 or accelerate_config else None, overrides)
+    rc = run(cmd, log, train_env(tmp_path), timeout=timeout)
+    return rc, log
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, prepared):
+    """One uninterrupted 2-process run that the resume tests compare against."""
+    data, manifest = prepared
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = base_config(tiny_model, data, tmp / "out")
+    rc, log = launch_run(tmp, "reference", cfg)
+    assert rc == 0, tail(log)
+    assert_two_ranks(log)
+    spe = steps_per_epoch(manifest["splits"]["train"]["windows"], 4, 2, 1)
+    return {"out": tmp / "out", "log": log, "cfg": cfg, "spe": spe, "tmp": tmp}
+
+
+def assert_same_run(ref_out: Path, out: Path, after_step: int) -> None:
+    """Bit-identical final weights and the same per-step losses after the resume point."""
+    assert final_weights(out) == final_weights(ref_out), "weights differ from the uninterrupted run"
+    ref, got = train_records(ref_out), train_records(out)
+    assert sorted(ref) == sorted(got)
+    later = [s for s in ref if s > after_step]
+    assert later, "nothing was trained after the resume point"
+    for s in later:
+        assert got[s]["train/loss"] == ref[s]["train/loss"], f"loss differs at step {s}"
+        assert got[s]["train/lr"] == ref[s]["train/lr"]
+
+
+# ------------------------------------------------------------------------------------------- schedule
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,accumulation", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_lr_warms_up_linearly_and_reaches_zero_at_the_last_step(tmp_path, tiny_model, prepared, nproc,
+                                                                  accumulation):
+    data, manifest = prepared
+    cfg = base_config(tiny_model, data, tmp_path / "out", epochs=1, gradient_accumulation_steps=accumulation,
+                      warmup_steps=3, eval_split=None, save_every_steps=0, report_to="none", learning_rate=1e-3)
+    rc, log = launch_run(tmp_path, "lr", cfg, nproc=nproc)
+    assert rc == 0, tail(log)
+    found = ranks(log)
+    assert sorted(r for r, _, _ in found) == list(range(nproc)) and {w for _, w, _ in found} == {nproc}
+    total = steps_per_epoch(manifest["splits"]["train"]["windows"], 4, nproc, accumulation)
+    assert total >= 6
+    lrs = {s: r["train/lr"] for s, r in train_records(tmp_path / "out").items()}
+    assert sorted(lrs) == list(range(1, total + 1)), "one optimizer step per accumulation group, none missing"
+    for s in (1, 2, 3):
+        assert lrs[s] == pytest.approx(1e-3 * s / 3)
+    assert lrs[total] == 0.0 and all(lrs[s] > 0 for s in range(1, total))
+    decay = np.diff([lrs[s] for s in range(3, total + 1)])
+    assert np.allclose(decay, decay[0]) and decay[0] < 0  # linear decay
+
+
+# ------------------------------------------------------------------------------------------ exact resume
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_mid_epoch_and_across_the_epoch_boundary(tmp_path, reference):
+    spe, seed = reference["spe"], random.randrange(1 << 30)
+    rng = random.Random(seed)
+    # (a) killed in epoch 0 after the first checkpoint (step 5): resumes mid-epoch and crosses the boundary;
+    # (b) killed in epoch 1: resumes from the epoch-end checkpoint or a mid-epoch one of epoch 1.
+    for name, lo, hi in (("a", 6, spe - 1), ("b", spe + 1, 2 * spe - 1)):
+        kill_at = rng.randint(lo, hi)
+        out = tmp_path / name
+        cfg = dict(reference["cfg"], output_dir=str(out))
+        config = write_config(tmp_path / f"{name}.yaml", **cfg)
+        log = tmp_path / f"{name}.log"
+        proc = start(train_command(config), log, train_env(tmp_path))
+        wait_for_step(out, kill_at, proc)
+        kill_tree(proc)
+        resume_from = latest_checkpoint(out)
+        assert resume_from is not None, f"no complete checkpoint before the kill at step {kill_at} (seed {seed})"
+        resumed_step = int(resume_from.name.split("-")[1])
+        rc = run(train_command(config), log, train_env(tmp_path))
+        assert rc == 0, tail(log)
+        assert f"resumed from {resume_from}" in log.read_text(), tail(log)
+        assert_two_ranks(log)
+        assert_same_run(reference["out"], out, resumed_step)
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path, reference):
+    """A trainer frozen inside save_checkpoint (after the shards, before the rename) is SIGKILLed."""
+    out = tmp_path / "out"
+    cfg = dict(reference["cfg"], output_dir=str(out))
+    config = write_config(tmp_path / "run.yaml", **cfg)
+    marker = tmp_path / "saving-step-10"
+    hook = tmp_path / "slow_save_train.py"
+    hook.write_text(textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import train.checkpoint as checkpoint
+        real = checkpoint._write_json
+        def frozen(path, data):
+            if data.get("global_step") == 10:
+                Path({str(marker)!r}).touch()
+                time.sleep(600)
+            real(path, data)
+        checkpoint._write_json = frozen
+        from train.loop import main
+        sys.exit(main())
+    """))
+    log = tmp_path / "run.log"
+    cmd = train_command(config)
+    cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(hook)]
+    proc = start(cmd, log, train_env(tmp_path))
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, tail(log)
+        time.sleep(0.05)
+    kill_tree(proc)
+    assert (out / "checkpoints" / ".step-10.tmp").is_dir()  # the half-written save is there ...
+    assert latest_checkpoint(out).name == "step-5"  # ... but the newest complete checkpoint is the one before
+    rc = run(train_command(config), log, train_env(tmp_path))
+    assert rc == 0, tail(log)
+    text = log.read_text()
+    assert "removed incomplete checkpoint(s) from a killed save: .step-10.tmp" in text
+    assert f"resumed from {out / 'checkpoints' / 'step-5'}" in text
+    assert_same_run(reference["out"], out, 5)
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_exits_with_requeue_code_and_resumes(tmp_path, reference):
+    out = tmp_path / "out"
+    cfg = dict(reference["cfg"], output_dir=str(out), save_every_steps=0)
+    config = write_config(tmp_path / "run.yaml", **cfg)
+    log = tmp_path / "run.log"
+    proc = start(train_command(config), log, train_env(tmp_path))
+    wait_for_step(out, 4, proc)
+    workers = trainer_processes(proc)
+    assert len(workers) == 2
+    for w in workers:
+        w.send_signal(10)  # SIGUSR1 to both trainer processes, as slurm/run_task.sh forwards it
+    proc.wait(timeout=120)
+    assert proc.returncode != 0  # the launcher reports the workers' exit code 75 as a failure
+    text = log.read_text()
+    assert "exitcode  : 75" in text and "exiting with 75" in text, tail(log)
+    status = json.loads((out / "run_status.json").read_text())
+    assert status["state"] == "requeue" and status["signal"] == "SIGUSR1"
+    stopped = status["step"]
+    assert stopped >= 4 and latest_checkpoint(out).name == f"step-{stopped}"
+    assert len(complete_checkpoints(out)) == 1  # no epoch-end checkpoint yet: the signal made this one
+    rc = run(train_command(config), log, train_env(tmp_path))
+    assert rc == 0, tail(log)
+    assert json.loads((out / "run_status.json").read_text())["state"] == "completed"
+    assert_same_run(reference["out"], out, stopped)
+
+
+@pytest.mark.slow
+def test_sigterm_single_process_exits_75(tmp_path, tiny_model, prepared):
+    data, _ = prepared
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.yaml", **base_config(tiny_model, data, out, epochs=50))
+    log = tmp_path / "run.log"
+    proc = start(train_command(config, nproc=1, accelerate_config=None), log, train_env(tmp_path))
+    wait_for_step(out, 3, proc)
+    proc.send_signal(15)
+    assert proc.wait(timeout=120) == 75, tail(log)
+    assert json.loads((out / "run_status.json").read_text())["state"] == "requeue"
+
+
+# ------------------------------------------------------------------------------- early stopping & eval
+@pytest.mark.slow
+def test_early_stopping_stops_every_rank_at_the_same_step(tmp_path, tiny_model, prepared):
+    data, _ = prepared
+    # min_delta is unreachable: the first evaluation sets the best, the next two do not improve -> stop.
+    cfg = base_config(tiny_model, data, tmp_path / "out", epochs=20, eval_every_steps=2, save_every_steps=0,
+                      early_stopping={"metric": "doc_accuracy", "mode": "max", "patience": 2, "min_delta": 10.0})
+    rc, log = launch_run(tmp_path, "es", cfg, timeout=240)  # the outer timeout proves nobody hangs
+    assert rc == 0, tail(log)
+    assert_two_ranks(log)
+    text = log.read_text()
+    assert "bertfit: rank 0 finished at step 6 (early_stopped)" in text
+    assert "bertfit: rank 1 finished at step 6 (early_stopped)" in text
+    status = json.loads((tmp_path / "out" / "run_status.json").read_text())
+    assert status["state"] == "early_stopped" and status["step"] == 6 and status["best_step"] == 2
+    assert [r["step"] for r in eval_records(tmp_path / "out")] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_evaluation_counts_every_document_once(reference, prepared):
+    _, manifest = prepared
+    val = manifest["splits"]["validation"]
+    assert val["windows"] % (2 * EVAL_BS) != 0  # uneven across 2 ranks: padding would duplicate windows
+    evals = eval_records(reference["out"])
+    assert evals
+    for r in evals:
+        assert r["eval"]["num_docs"] == val["documents"]
+        assert r["eval"]["num_windows"] == val["windows"]
+
+
+@pytest.mark.slow
+def test_exported_best_model_loads_with_pipeline_and_reproduces_metrics(reference, prepared, tmp_path):
+    data, manifest = prepared
+    best = reference["out"] / "best"
+    info = json.loads((best / "bertfit.json").read_text())
+    assert info["labels"] == manifest["labels"] and info["chunking"] == manifest["chunking"]
+    logged = [r for r in eval_records(reference["out"]) if r["best"]][-1]["eval"]
+    assert info["metrics"] == logged
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        import numpy as np, torch, datasets
+        from transformers import AutoModelForSequenceClassification, pipeline
+        from train.evaluation import score
+        best = {str(best)!r}
+        clf = pipeline("text-classification", model=best)
+        labels = [p["label"] for p in clf(["good great happy win", "bad awful sad lose"])]
+        model = AutoModelForSequenceClassification.from_pretrained(best).eval()
+        ds = datasets.load_from_disk({str(data / "validation")!r})
+        logits = []
+        with torch.no_grad():
+            for row in ds:
+                ids = torch.tensor([row["input_ids"]])
+                logits.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy())
+        metrics, _ = score(np.array(logits), np.array(ds["label"]), np.array(ds["doc_id"]),
+                           {manifest["labels"]!r}, "mean")
+        print(json.dumps({{"labels": labels, "metrics": metrics}}))
+    """))
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=train_env(tmp_path), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(label in manifest["labels"] for label in result["labels"])
+    for key, value in logged.items():
+        assert result["metrics"][key] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_tensorboard_has_the_documented_tags(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = list((reference["out"] / "logs").glob("run*"))
+    assert runs, "no TensorBoard run folder under logs/"
+    acc = EventAccumulator(str(runs[0]), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/padding_fraction",
+                "eval/doc_accuracy", "eval/window_accuracy", "eval/doc_f1_macro", "eval/window_loss",
+                "eval/doc_loss", "eval/doc_f1_binary"):
+        assert tag in scalars, tag
+    assert "eval/confusion_matrix" in acc.Tags()["images"]
+    assert len(acc.Scalars("train/loss")) == max(train_records(reference["out"]))
+    hparams = list((reference["out"] / "logs").rglob("hparams.yml"))
+    assert hparams, "hyperparameters were not stored"
+
+
+# ------------------------------------------------------------------------------------------ bad configs
+def _bad_run(tmp_path, cfg_text: str, *overrides):
+    config = tmp_path / "bad.yaml"
+    config.write_text(cfg_text)
+    r = subprocess.run([sys.executable, "-m", "train", "--config", str(config), *overrides], cwd=ROOT,
+                       env=train_env(tmp_path), capture_output=True, text=True, timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    return r.returncode, errors
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "missing_shards", "tokenizer_mismatch",
+                                  "batch_size_0"])
+def test_bad_config_gives_one_line_error(tmp_path, tiny_model, prepared, minilm_dir, case):
+    data, _ = prepared
+    good = f"model: {tiny_model}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\n"
+    if case == "unknown_key":
+        rc, err = _bad_run(tmp_path, good + "learning_rat: 0.1\n")
+        needle = "unknown field 'learning_rat'"
+    elif case == "wrong_type":
+        rc, err = _bad_run(tmp_path, good + "epochs: three\n")
+        needle = "field 'epochs': expected int"
+    elif case == "missing_shards":
+        broken = tmp_path / "broken"
+        shutil.copytree(data, broken)
+        shutil.rmtree(broken / "train")
+        rc, err = _bad_run(tmp_path, good.replace(str(data), str(broken)))
+        needle = f"{broken / 'train'}"
+    elif case == "tokenizer_mismatch":
+        rc, err = _bad_run(tmp_path, good, "--model", str(minilm_dir))
+        needle = "its tokenizer differs from the one"
+    else:
+        rc, err = _bad_run(tmp_path, good + "per_device_batch_size: 0\n")
+        needle = "per_device_batch_size must be >= 1, got 0"
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_help_explains_every_field():
+    r = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0
+    import dataclasses
+
+    from train.config import EarlyStoppingConfig, TrainConfig
+
+    text = " ".join(r.stdout.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name}" in text, f.name
+    for f in dataclasses.fields(EarlyStoppingConfig):
+        assert f"--early_stopping.{f.name}" in text, f.name
+    assert "Windows per forward pass on each process" in text  # field docs are shown, not just names
+    assert "75" in text  # the requeue exit code is documented
