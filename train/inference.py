@@ -1,0 +1,122 @@
+"""Run an exported model on windows: load the export, window new texts exactly as data_prep does, and forward
+windows in length-sorted batches across documents (never one forward pass per whole long document)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
+from data_prep.tokenizer import special_token_template
+from train.data import collate_windows
+from train.export import EXPORT_INFO
+
+
+class InferenceError(Exception):
+    """Bad model folder or input; one line."""
+
+
+def load_export(model_dir: str | Path, device: str | None = None):
+    """(model in eval mode, tokenizer, info) from an exported folder. info holds labels, chunking and pooling."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InferenceError(f"--model {model_dir}: no such folder")
+    if not (path / "config.json").exists():
+        raise InferenceError(f"--model {model_dir}: no config.json; expected a folder written by bertfit's export "
+                             "(output_dir/best) or save_pretrained")
+    config = json.loads((path / "config.json").read_text())
+    id2label = config.get("id2label") or {}
+    info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
+    labels = info.get("labels")
+    if not labels and id2label and not all(v == f"LABEL_{k}" for k, v in id2label.items()):
+        labels = [id2label[str(i)] for i in range(len(id2label))]
+    if not labels:
+        raise InferenceError(f"--model {model_dir}: no label maps (no {EXPORT_INFO} and config.json has only "
+                             "default LABEL_<n> names); export the model with bertfit's train")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    except Exception as exc:
+        raise InferenceError(f"--model {model_dir}: cannot load: {str(exc).splitlines()[0]}") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    info = {"labels": labels, "pooling": info.get("pooling", "mean"), "task": info.get("task", "single"),
+            "chunking": info.get("chunking"), **{k: v for k, v in info.items() if k not in ("labels",)}}
+    return model, tokenizer, info
+
+
+def chunk_settings(tokenizer, info: dict, chunk_size=None, stride=None, max_length=None) -> ChunkSettings:
+    """The window settings the model was trained with, with optional overrides."""
+    saved = dict(info.get("chunking") or {})
+    template = special_token_template(tokenizer)
+    if max_length is not None:
+        saved["max_length"] = max_length
+    saved.setdefault("max_length", min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512))
+    room = saved["max_length"] - template.num_single
+    if chunk_size is not None:
+        saved["chunk_size"] = chunk_size
+        if stride is None and saved.get("stride", chunk_size) > chunk_size:
+            saved["stride"] = chunk_size
+    saved.setdefault("chunk_size", room)
+    if stride is not None:
+        saved["stride"] = stride
+    saved.setdefault("stride", saved["chunk_size"])
+    fields = {k: saved.get(k) for k in ("max_length", "chunk_size", "stride", "min_chunk_tokens",
+                                        "max_text_tokens", "max_chunks_per_doc")}
+    fields["min_chunk_tokens"] = fields["min_chunk_tokens"] or 1
+    settings = ChunkSettings(**fields)
+    try:
+        settings.check(template.num_single)
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from None
+    return settings
+
+
+def window_documents(tokenizer, texts: list[str], settings: ChunkSettings, pairs: list[str] | None = None):
+    """Windows of a batch of documents: (list of input_ids, list of token_type_ids or None, doc index per
+    window). Same tokenizer call and windowing as data_prep, so the windows are identical."""
+    template = special_token_template(tokenizer)
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+
+    def ids(batch):
+        return [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
+
+    if pairs is None:
+        enc = encode_singles(ids(texts), template, settings)
+        types = None
+    else:
+        enc = encode_pairs(ids(texts), ids(pairs), template, settings.max_length)
+        t_offsets, t_values = enc.columns["token_type_ids"]
+        types = [t_values[t_offsets[i]:t_offsets[i + 1]].tolist() for i in range(len(t_offsets) - 1)]
+    offsets, values = enc.columns["input_ids"]
+    windows = [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+    doc_index = np.repeat(np.arange(len(texts)), enc.doc_windows)
+    return windows, types, doc_index
+
+
+@torch.no_grad()
+def forward_windows(model, windows: list[list[int]], types: list[list[int]] | None, pad_id: int,
+                    batch_size: int) -> np.ndarray:
+    """Logits [windows, labels]; windows are sorted by length so each batch is padded little."""
+    device = next(model.parameters()).device
+    order = np.argsort([-len(w) for w in windows], kind="stable")
+    logits = np.zeros((len(windows), model.config.num_labels), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = {"input_ids": [windows[i] for i in idx], "label": [0] * len(idx), "doc_id": [0] * len(idx),
+                "chunk_index": [0] * len(idx)}
+        if types is not None:
+            rows["token_type_ids"] = [types[i] for i in idx]
+        batch = collate_windows(rows, idx, pad_id)
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        logits[idx] = model(**inputs).logits.float().cpu().numpy()
+    return logits
