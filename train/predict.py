@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Output columns: id, label, prob_<label> for every label, windows. "
                                        "Exit status 0, or 2 with one error line.")
     p.add_argument("--model", required=True, help="an exported model folder (output_dir/best of a training run)")
-    p.add_argument("--input", default="-", help="CSV/TSV/JSONL/Parquet file, a folder of .txt files (one "
-                                                "document per file, id = relative path), or - for standard input "
-                                                "(one document per line). Default: -")
+    p.add_argument("--input", default="-", help="CSV/TSV/JSONL/Parquet file, a .txt file (one document), a folder "
+                                                "of .txt files (one document per file, id = relative path), or - "
+                                                "for standard input (one document per line). Default: -")
     p.add_argument("--output", default="-", help="output .csv or .jsonl file, or - for standard output (CSV). "
                                                  "Written to a temporary name and renamed when complete. Default: -")
     p.add_argument("--format", default="full", choices=("full", "submission"),
@@ -70,6 +70,10 @@ def iter_documents(args) -> tuple[list[str] | None, object]:
     path = Path(args.input)
     if not path.exists():
         raise InferenceError(f"--input {path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() == ".txt":  # one document
+        from data_prep.readers import pick_encoding
+
+        return None, iter([(path.name, path.read_text(encoding=pick_encoding(path, encodings, str(path))), None)])
     if path.is_dir() and not (path / "state.json").exists():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
