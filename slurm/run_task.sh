@@ -53,7 +53,8 @@ forward() {  # runs inside a trap: no command substitution here
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-echo "$TAG: machine_rank=$NODEID host=$(hostname -s) restart=${SLURM_RESTART_COUNT:-0}"
+echo "$TAG: machine rank $NODEID of ${SLURM_NNODES:-?} on $NODE" \
+    "(host $(hostname -s), restart ${SLURM_RESTART_COUNT:-0})"
 echo "$TAG: launching: ${ARGS[*]}"
 ( trap '' USR1; exec "${ARGS[@]}" ) &
 LAUNCHER_PID=$!

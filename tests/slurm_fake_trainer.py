@@ -7,9 +7,11 @@ signal/checkpoint/requeue protocol, not a model.
 
 The contract (the real trainer must behave the same way; see slurm/train_multinode.sbatch):
 
-* SIGUSR1 or SIGTERM only sets a flag. At the next optimizer-step boundary the ranks agree on the flag
-  (all-reduce MAX, so one signalled rank is enough), write a checkpoint ``<output_dir>/checkpoints/step-N/``
-  atomically (staging folder + rename), rank 0 writes ``<output_dir>/run_status.json`` =
+* SIGUSR1 or SIGTERM only sets a flag (the handlers are installed after start-up, like the real trainer's
+  after model and data loading: a signal before that is lost when inherited as ignored, which is what
+  slurm/run_task.sh does, so the batch script forwards SIGUSR1 again). At the next optimizer-step boundary
+  the ranks agree on the flag (all-reduce MAX, so one signalled rank is enough), write a checkpoint
+  ``<output_dir>/checkpoints/step-N/`` atomically (staging folder + rename), rank 0 writes ``<output_dir>/run_status.json`` =
   ``{"state": "requeue", "step": N, ...}`` and every process exits with code 75 (EX_TEMPFAIL).
 * Normal end: ``{"state": "completed", "step": N}`` and exit 0.
 * Config error: one line ``error: ...`` on stderr, ``{"state": "failed", "error": ...}`` and exit 2.
@@ -17,7 +19,12 @@ The contract (the real trainer must behave the same way; see slurm/train_multino
 
 Config keys (YAML file, overridable as ``--key value`` or ``--key=value``): output_dir (required),
 max_steps (10), step_seconds (0.5), save_every (0 = only on signal), resume ("never" | "auto" | a path),
-fail_with (if set: fail with this config error, to test the failure path).
+fail_with (if set: fail with this config error, to test the failure path), startup_seconds (0: how long the
+"model loading" before the signal handlers are installed takes).
+
+The real-trainer tests (tests/test_slurm.py) cover single runs, USR1 requeue, preemption and config errors; the
+stand-in remains for what is too slow with the real trainer on a 2-core CI machine: 2 processes per node on 2
+nodes (a world of 4) and a SIGUSR1 that arrives while the trainers are still starting up.
 
 Evidence it leaves for tests, all under output_dir: ``ranks.jsonl`` (one line per process and attempt: rank,
 world_size, node, node_id, restart, job id), ``progress.log`` (rank 0: one line per step done, with the
@@ -44,6 +51,7 @@ DEFAULTS = {
     "save_every": 0,
     "resume": "never",
     "fail_with": None,
+    "startup_seconds": 0,
 }
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -119,8 +127,9 @@ def load_config(argv: list[str]) -> dict:
     for key in ("max_steps", "save_every"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise ConfigError(f"{key} must be a non-negative integer, got {cfg[key]!r}")
-    if not isinstance(cfg["step_seconds"], (int, float)) or cfg["step_seconds"] < 0:
-        raise ConfigError(f"step_seconds must be a non-negative number, got {cfg['step_seconds']!r}")
+    for key in ("step_seconds", "startup_seconds"):
+        if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] < 0:
+            raise ConfigError(f"{key} must be a non-negative number, got {cfg[key]!r}")
     cfg["output_dir"] = os.path.abspath(str(cfg["output_dir"]))
     return cfg
 
@@ -217,8 +226,6 @@ def save_checkpoint(dist: Dist, out: str, step: int) -> str:
 
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGUSR1, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
     try:
         cfg = load_config(argv)
         if cfg["fail_with"]:
@@ -250,8 +257,12 @@ def main(argv: list[str]) -> int:
 
     start, path = (newest_checkpoint(out) if cfg["resume"] == "auto" else (0, None))
     start = dist.broadcast_int(start)
+    time.sleep(cfg["startup_seconds"])  # "loading the model and data"
+    signal.signal(signal.SIGUSR1, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     if RANK == 0:
-        say(f"fake-trainer: {'resumed from ' + path if path else 'starting from scratch'} (step {start})")
+        say(f"fake-trainer: {'resumed from ' + path if path else 'starting from scratch'} (step {start}); "
+            "signal handlers installed")
 
     step = start
     while step < cfg["max_steps"]:
