@@ -148,7 +148,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(_one_line(exc)) from None
     values = {f.name: init[f.name] for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**values)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        exc.output_dir = cfg.output_dir  # lets the caller record the failure in the run folder
+        raise
     return cfg
 
 

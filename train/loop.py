@@ -90,10 +90,11 @@ def train(cfg: TrainConfig) -> int:
     accelerator.wait_for_everyone()
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
-        if state.world_size != world:
-            accelerator.print(f"bertfit: checkpoint was written by {state.world_size} processes, now {world}: "
-                              "the batch order after the resume point differs from an uninterrupted run")
-        accelerator.print(f"bertfit: resumed from {resume_from} (epoch {state.epoch}, step {state.global_step})")
+        if main and state.world_size != world:
+            print(f"bertfit: checkpoint was written by {state.world_size} processes, now {world}: the batch "
+                  "order after the resume point differs from an uninterrupted run", flush=True)
+        if main:
+            print(f"bertfit: resumed from {resume_from} (epoch {state.epoch}, step {state.global_step})", flush=True)
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout streams differ per rank, fixed per seed
     if main:
@@ -101,7 +102,6 @@ def train(cfg: TrainConfig) -> int:
         trim_history(out, state.global_step)
         write_status(out, "running", state.global_step, world=world)
     accelerator.init_trackers("run", config=flat_hparams(cfg))
-    signals.install_stop_handlers()
 
     flops_per_token = None
     info = {"labels": label_names, "chunking": manifest["chunking"], "task": manifest.get("task", "single"),
@@ -204,11 +204,9 @@ def load_model(model_path: str, label_names: list[str], trust_remote_code: bool,
 
 
 def check_early_stopping_metric(cfg: TrainConfig, label_names: list[str]) -> None:
-    from train.metrics import classification_metrics
+    from train.metrics import metric_names
 
-    names = ["loss", *classification_metrics(list(range(len(label_names))), list(range(len(label_names))),
-                                             label_names)]
-    valid = [f"{level}_{n}" for level in ("doc", "window") for n in names]
+    valid = [f"{level}_{n}" for level in ("doc", "window") for n in ["loss", *metric_names(label_names)]]
     if cfg.early_stopping.metric not in valid:
         raise ConfigError(f"early_stopping.metric {cfg.early_stopping.metric!r} is not computed; choose from "
                           f"{', '.join(valid)}")
@@ -373,16 +371,22 @@ def trim_history(out: Path, step: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First thing: a SIGUSR1/SIGTERM during the (long) setup must not kill the process before it can checkpoint;
+    # the flag is checked at the first step boundary.
+    signals.install_stop_handlers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    output_dir = None
     try:
         cfg = parse_config(argv)
+        output_dir = cfg.output_dir
         return train(cfg)
     except (ConfigError, DataPrepError) as exc:
         if os.environ.get("RANK", "0") == "0":  # the same error on every rank: say it once
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        try:
-            if "cfg" in locals() and os.environ.get("RANK", "0") == "0" and Path(cfg.output_dir).is_dir():
-                write_status(Path(cfg.output_dir), "failed", 0, error=str(exc))
-        except OSError:
-            pass
+            output_dir = output_dir or getattr(exc, "output_dir", None)
+            if output_dir and Path(output_dir).is_dir():  # so a batch script never acts on an older status
+                try:
+                    write_status(Path(output_dir), "failed", 0, error=str(exc))
+                except OSError:
+                    pass
         return EXIT_CONFIG_ERROR

@@ -42,6 +42,7 @@ __all__ = [
     "classification_metrics",
     "confusion_matrix",
     "load_classification_metrics",
+    "metric_names",
     "metric_path",
     "sanitize_label_name",
 ]
@@ -168,6 +169,14 @@ def _checked_pair(
                 "(drop ignored positions such as -100 before computing metrics)"
             )
     return y_pred, y_true
+
+
+def metric_names(label_names: Sequence[str]) -> list[str]:
+    """The keys :func:`classification_metrics` returns for these labels (without prefix), known without
+    loading `evaluate`: for validating a metric name before training starts."""
+    names = ["accuracy", "precision_macro", "recall_macro", "f1_macro"]
+    names += [f"f1_{key}" for key in _label_keys(list(label_names))]
+    return names + (["f1_binary"] if len(label_names) == 2 else [])
 
 
 def classification_metrics(
