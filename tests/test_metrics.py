@@ -1,4 +1,5 @@
-"""The shipped evaluate modules (train/metrics/<name>/<name>.py) and the train.metrics API.
+"""The shipped evaluate modules (train/metrics/<name>/<name>.py: accuracy, precision_recall_f1) and the
+train.metrics API.
 
 Every number is checked against scikit-learn (a test/bench dependency only: the modules themselves
 are numpy-only). Loading is checked offline, in fresh processes, and with two processes at once.
@@ -12,6 +13,7 @@ import math
 import multiprocessing
 import os
 import queue as queue_module
+import fnmatch
 import re
 import sys
 import time
@@ -25,6 +27,7 @@ import pytest
 import train.metrics as tm
 
 NAMES5 = ["world", "sports", "business", "sci/tech", "other label"]
+PRF = ("precision", "recall", "f1")  # the keys precision_recall_f1 returns, in sklearn's order
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,11 @@ def skm():
 @pytest.fixture(scope="module")
 def modules():
     return tm.load_classification_metrics()
+
+
+@pytest.fixture(scope="module")
+def prf(modules):
+    return modules["precision_recall_f1"]
 
 
 def _sk_prf(skm, y_true, y_pred, **kwargs):
@@ -119,7 +127,7 @@ def test_accuracy_matches_sklearn(skm, modules, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_prf_matches_sklearn(skm, modules, case):
+def test_prf_matches_sklearn(skm, prf, case):
     y_true, y_pred, k = _case(case)
     all_ids = list(range(k))
     # every average x zero_division with all class ids passed, plus inferred labels (None)
@@ -127,11 +135,13 @@ def test_prf_matches_sklearn(skm, modules, case):
     for average in ("macro", "micro", "weighted", None):
         for zero_division, labels in settings:
             expected = _sk_prf(skm, y_true, y_pred, labels=labels, average=average, zero_division=zero_division)
-            for name, want in zip(("precision", "recall", "f1"), expected[:3]):
-                got = modules[name].compute(
-                    predictions=y_pred, references=y_true, labels=labels, average=average,
-                    zero_division=zero_division,
-                )[name]
+            out = prf.compute(
+                predictions=y_pred, references=y_true, labels=labels, average=average,
+                zero_division=zero_division,
+            )
+            assert list(out) == list(PRF)  # exactly these keys, all from the one call
+            for name, want in zip(PRF, expected[:3]):
+                got = out[name]
                 if average is None:
                     assert isinstance(got, np.ndarray) and got.shape == np.shape(want)
                 else:
@@ -143,84 +153,111 @@ def test_prf_matches_sklearn(skm, modules, case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if _case(c)[2] == 2])
-def test_binary_matches_sklearn(skm, modules, case):
+def test_binary_matches_sklearn(skm, prf, case):
     y_true, y_pred, _ = _case(case)
     for pos_label in (1, 0):
         for zero_division in (0.0, 1.0):
             expected = _sk_prf(
                 skm, y_true, y_pred, average="binary", pos_label=pos_label, zero_division=zero_division
             )[:3]
-            for name, want in zip(("precision", "recall", "f1"), expected):
-                got = modules[name].compute(
-                    predictions=y_pred, references=y_true, average="binary", pos_label=pos_label,
-                    zero_division=zero_division,
-                )[name]
+            out = prf.compute(
+                predictions=y_pred, references=y_true, average="binary", pos_label=pos_label,
+                zero_division=zero_division,
+            )
+            assert list(out) == list(PRF)
+            for name, want in zip(PRF, expected):
+                got = out[name]
                 assert isinstance(got, float)
                 assert got == pytest.approx(want, abs=1e-12), f"{name} pos_label={pos_label} {zero_division}"
 
 
-def test_binary_is_the_default_average(modules):
+def test_binary_is_the_default_average(prf):
     y_true, y_pred, _ = _case("random2_0")
-    for name in ("precision", "recall", "f1"):
-        default = modules[name].compute(predictions=y_pred, references=y_true)[name]
-        binary = modules[name].compute(predictions=y_pred, references=y_true, average="binary")[name]
-        macro = modules[name].compute(predictions=y_pred, references=y_true, average="macro")[name]
+    default_out = prf.compute(predictions=y_pred, references=y_true)
+    binary_out = prf.compute(predictions=y_pred, references=y_true, average="binary")
+    macro_out = prf.compute(predictions=y_pred, references=y_true, average="macro")
+    for name in PRF:
+        default, binary, macro = default_out[name], binary_out[name], macro_out[name]
         assert default == binary
         assert default != macro  # the random case is not symmetric, so this distinguishes them
 
 
-def test_binary_on_multiclass_data_raises_like_sklearn(skm, modules):
+def test_binary_on_multiclass_data_raises_like_sklearn(skm, prf):
     y_true, y_pred, _ = _case("random5_0")
     with pytest.raises(ValueError):
         _sk_prf(skm, y_true, y_pred, average="binary")
-    for name in ("precision", "recall", "f1"):
-        with pytest.raises(ValueError, match="binary"):
-            modules[name].compute(predictions=y_pred, references=y_true, average="binary")
+    with pytest.raises(ValueError, match="binary"):
+        prf.compute(predictions=y_pred, references=y_true, average="binary")
+    with pytest.raises(ValueError, match="binary"):  # also when it is the default average
+        prf.compute(predictions=y_pred, references=y_true)
     # pos_label that is not one of two present classes
     with pytest.raises(ValueError, match="pos_label"):
-        modules["f1"].compute(predictions=[1, 2, 1], references=[2, 1, 1], average="binary", pos_label=0)
+        prf.compute(predictions=[1, 2, 1], references=[2, 1, 1], average="binary", pos_label=0)
 
 
-def test_labels_order_and_subset_match_sklearn(skm, modules):
+def test_labels_order_and_subset_match_sklearn(skm, prf):
     y_true, y_pred, _ = _case("random5_1")
     for labels in ([3, 0, 4, 1, 2], [4, 1], [2, 7]):  # permutation, subset, with an unseen class id
         for average in (None, "macro", "micro", "weighted"):
             expected = _sk_prf(skm, y_true, y_pred, labels=labels, average=average, zero_division=0.0)[:3]
-            for name, want in zip(("precision", "recall", "f1"), expected):
-                got = modules[name].compute(
-                    predictions=y_pred, references=y_true, labels=labels, average=average
-                )[name]
+            out = prf.compute(predictions=y_pred, references=y_true, labels=labels, average=average)
+            for name, want in zip(PRF, expected):
+                got = out[name]
                 np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"{name} {labels} {average}")
 
 
-def test_prf_sample_weight_matches_sklearn(skm, modules):
+def test_prf_sample_weight_matches_sklearn(skm, prf):
     y_true, y_pred, _ = _case("random5_2")
     weights = np.random.default_rng(3).uniform(0.0, 3.0, y_true.shape[0])
     for average in (None, "macro", "micro", "weighted"):
         expected = _sk_prf(skm, y_true, y_pred, average=average, sample_weight=weights)[:3]
-        for name, want in zip(("precision", "recall", "f1"), expected):
-            got = modules[name].compute(
-                predictions=y_pred, references=y_true, average=average, sample_weight=weights.tolist()
-            )[name]
+        out = prf.compute(predictions=y_pred, references=y_true, average=average, sample_weight=weights.tolist())
+        for name, want in zip(PRF, expected):
+            got = out[name]
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"{name} {average}")
 
 
-def test_zero_division_tiny_example(modules):
+def test_zero_division_tiny_example(prf):
     # Class 1 is neither predicted nor referenced: its precision, recall and F1 are all 0/0.
     kwargs = dict(predictions=[0, 0, 2], references=[0, 2, 2], labels=[0, 1, 2], average=None)
     for value in (0.0, 1.0):
-        for name in ("precision", "recall", "f1"):
-            assert modules[name].compute(**kwargs, zero_division=value)[name][1] == value
-    assert math.isnan(modules["f1"].compute(**kwargs, zero_division=np.nan)["f1"][1])
+        out = prf.compute(**kwargs, zero_division=value)
+        for name in PRF:
+            assert out[name][1] == value
+    out = prf.compute(**kwargs, zero_division=np.nan)
+    assert math.isnan(out["f1"][1])
+    assert math.isnan(out["precision"][1]) and math.isnan(out["recall"][1])
 
 
-def test_invalid_arguments_raise(modules):
+def test_zero_division_applies_to_each_metric_on_its_own_condition(skm, prf):
+    # Class 1 is referenced but never predicted: only precision is 0/0 (TP + FP == 0).
+    # Class 2 is predicted but never referenced: only recall is 0/0 (TP + FN == 0).
+    # F1 is 0/0 only when TP + FP + FN == 0, so for neither class.
+    y_true, y_pred = [0, 0, 1, 1], [0, 2, 0, 0]
+    for value in (0.0, 1.0, np.nan):
+        out = prf.compute(predictions=y_pred, references=y_true, labels=[0, 1, 2], average=None, zero_division=value)
+        np.testing.assert_array_equal(out["precision"][1:], [value, 0.0])
+        np.testing.assert_array_equal(out["recall"][1:], [0.0, value])
+        np.testing.assert_array_equal(out["f1"][1:], [0.0, 0.0])
+        expected = _sk_prf(skm, y_true, y_pred, labels=[0, 1, 2], average=None, zero_division=value)[:3]
+        for name, want in zip(PRF, expected):
+            np.testing.assert_allclose(out[name], want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        # NaN scores are left out of each metric's own average
+        macro = prf.compute(predictions=y_pred, references=y_true, labels=[0, 1, 2], average="macro",
+                            zero_division=value)
+        for name in PRF:
+            assert macro[name] == pytest.approx(np.nanmean(out[name]), abs=1e-12), (name, value)
+
+
+def test_invalid_arguments_raise(modules, prf):
     with pytest.raises(ValueError, match="average"):
-        modules["f1"].compute(predictions=[0, 1], references=[0, 1], average="samples")
+        prf.compute(predictions=[0, 1], references=[0, 1], average="samples")
     with pytest.raises(ValueError, match="zero_division"):
-        modules["precision"].compute(predictions=[0, 1], references=[0, 1], average="macro", zero_division=0.5)
+        prf.compute(predictions=[0, 1], references=[0, 1], average="macro", zero_division=0.5)
+    with pytest.raises(ValueError, match="zero_division"):
+        prf.compute(predictions=[0, 1], references=[0, 1], average="macro", zero_division="ignore")
     with pytest.raises(ValueError, match="duplicates"):
-        modules["recall"].compute(predictions=[0, 1], references=[0, 1], average="macro", labels=[0, 1, 1])
+        prf.compute(predictions=[0, 1], references=[0, 1], average="macro", labels=[0, 1, 1])
     with pytest.raises(ValueError):
         modules["accuracy"].compute(predictions=[0, 1], references=[0])
     for name in tm.METRIC_NAMES:
@@ -242,13 +279,19 @@ def test_module_info(modules):
 
 def test_metric_files_live_where_package_data_expects_them():
     assert tm.METRICS_DIR == Path(tm.__file__).resolve().parent
+    assert tm.METRIC_NAMES == ("accuracy", "precision_recall_f1")
     for name in tm.METRIC_NAMES:
         path = tm.metric_path(name)
         assert path == tm.METRICS_DIR / name / f"{name}.py" and path.is_file()
+        # pyproject.toml ships train/"metrics/*/*.py" as package data
+        assert fnmatch.fnmatch(path.relative_to(tm.METRICS_DIR.parent).as_posix(), "metrics/*/*.py")
         source = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+(sklearn|torch)\b", source, re.M), name
-    with pytest.raises(ValueError):
-        tm.metric_path("bleu")
+    # no other (stale) module script ships next to them
+    assert sorted(p.parent.name for p in tm.METRICS_DIR.glob("*/*.py")) == sorted(tm.METRIC_NAMES)
+    for name in ("bleu", "precision", "recall", "f1"):
+        with pytest.raises(ValueError):
+            tm.metric_path(name)
 
 
 def test_load_is_cached_and_uses_local_modules(modules):
@@ -329,18 +372,31 @@ def test_classification_metrics_goes_through_the_evaluate_modules(modules, monke
 
         monkeypatch.setattr(module, "compute", spy)
     got = tm.classification_metrics([0, 1, 1], [0, 1, 0], ["neg", "pos"])
+    # one call per module: the macro averages and f1_binary are read off the per-class scores
     assert sorted(calls, key=repr) == sorted(
         [
             ("accuracy", None, None),
-            ("precision", "macro", [0, 1]),
-            ("recall", "macro", [0, 1]),
-            ("f1", "macro", [0, 1]),
-            ("f1", None, [0, 1]),
-            ("f1", "binary", None),
+            ("precision_recall_f1", None, [0, 1]),
         ],
         key=repr,
     )
     assert got["accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_classification_metrics_equals_the_modules_own_averages(prf, case):
+    # classification_metrics derives the macro averages and f1_binary from one average=None call;
+    # they must be exactly (not approximately) what the module returns for those averages.
+    y_true, y_pred, k = _case(case)
+    names = NAMES5[:k] if k == 5 else ["negative", "positive"]
+    got = tm.classification_metrics(y_pred, y_true, names)
+    macro = prf.compute(predictions=y_pred, references=y_true, labels=list(range(k)), average="macro",
+                        zero_division=0.0)
+    for name in PRF:
+        assert got[f"{name}_macro"] == macro[name], name
+    if k == 2:
+        binary = prf.compute(predictions=y_pred, references=y_true, average="binary", pos_label=1, zero_division=0.0)
+        assert got["f1_binary"] == binary["f1"]
 
 
 def test_classification_metrics_leaves_numpy_global_rng_alone():

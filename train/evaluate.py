@@ -32,8 +32,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, label_names: li
     modules = load_classification_metrics()
     pred = probs.argmax(1)
     ids = list(range(len(label_names)))
-    per = {name: modules[name].compute(predictions=pred, references=labels, labels=ids, average=None)[name]
-           for name in ("precision", "recall", "f1")}
+    per = modules["precision_recall_f1"].compute(predictions=pred, references=labels, labels=ids, average=None)
     support = np.bincount(labels, minlength=len(label_names))
     width = max(12, *(len(n) for n in label_names))
     lines = [f"{'':>{width}}  precision  recall  f1-score  support", ""]

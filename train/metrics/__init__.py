@@ -1,8 +1,15 @@
 """Classification metrics for the training loop and the evaluate CLI, computed through `evaluate`.
 
-bertfit ships its own `evaluate` modules (``train/metrics/<name>/<name>.py``: accuracy, precision,
-recall, f1; numpy only) because ``evaluate`` ships none and ``evaluate.load("accuracy")`` needs the
-Hub. Loading them by local path works with ``HF_HUB_OFFLINE=1``.
+bertfit ships its own `evaluate` modules (``train/metrics/<name>/<name>.py``; numpy only) because
+``evaluate`` ships none and ``evaluate.load("accuracy")`` needs the Hub. Loading them by local path
+works with ``HF_HUB_OFFLINE=1``. There are two:
+
+* ``accuracy``: ``{"accuracy": ...}``, like the Hub's ``accuracy``.
+* ``precision_recall_f1``: ``{"precision": ..., "recall": ..., "f1": ...}`` from one count of TP, FP
+  and FN, with the arguments of the Hub's ``precision``/``recall``/``f1`` (``labels``, ``pos_label``,
+  ``average``, ``sample_weight``, ``zero_division``). One module rather than three because an
+  `evaluate` module must be a single self-contained file, so three modules would each carry a copy
+  of the counting code.
 
 How `evaluate` treats a local module, and what this file does about it:
 
@@ -48,9 +55,9 @@ __all__ = [
 ]
 
 METRICS_DIR = Path(__file__).resolve().parent
-"""The folder holding the evaluate modules, one ``<name>/<name>.py`` per metric."""
+"""The folder holding the evaluate modules, one ``<name>/<name>.py`` per name in :data:`METRIC_NAMES`."""
 
-METRIC_NAMES = ("accuracy", "precision", "recall", "f1")
+METRIC_NAMES = ("accuracy", "precision_recall_f1")
 
 _RESERVED_SUFFIXES = frozenset({"macro", "micro", "weighted", "binary"})
 
@@ -59,14 +66,14 @@ _loaded: dict[tuple[int, str | None], dict[str, Any]] = {}
 
 
 def metric_path(name: str) -> Path:
-    """Path of the shipped module script for metric ``name`` (one of :data:`METRIC_NAMES`)."""
+    """Path of the shipped module script ``name`` (one of :data:`METRIC_NAMES`)."""
     if name not in METRIC_NAMES:
         raise ValueError(f"unknown metric {name!r}; bertfit ships {list(METRIC_NAMES)}")
     return METRICS_DIR / name / f"{name}.py"
 
 
 def load_classification_metrics(cache_dir: str | os.PathLike | None = None) -> dict[str, "evaluate.EvaluationModule"]:
-    """Load the four shipped modules once per process; returns ``{name: EvaluationModule}``.
+    """Load the shipped modules (:data:`METRIC_NAMES`) once per process; returns ``{name: EvaluationModule}``.
 
     Works offline: each module is loaded from its local path. Modules are kept in memory
     (``keep_in_memory=True``) with a per-process ``experiment_id``, so several processes can load and
@@ -195,6 +202,13 @@ def classification_metrics(
     ``precision_macro``, ``recall_macro``, ``f1_macro``, ``f1_<label>`` for every label (names
     sanitized to ``[A-Za-z0-9_]``, see :func:`_label_keys` for clashes), and with exactly two labels
     ``f1_binary`` (positive class = id 1).
+
+    Two ``compute`` calls: ``accuracy``, and ``precision_recall_f1`` with ``average=None`` over every
+    class id and ``zero_division=0``. The other numbers are read off those per-class scores, and are
+    exactly what the module returns for them (tests/test_metrics.py checks this): with
+    ``zero_division=0`` no score is NaN, so ``average="macro"`` is the plain mean of the per-class
+    scores; with two labels, ``average="binary", pos_label=1`` scores class 1 alone, i.e. its
+    per-class entry.
     """
     if isinstance(label_names, str):
         raise TypeError("label_names must be a sequence of names, not a single string")
@@ -206,23 +220,20 @@ def classification_metrics(
 
     results: dict[str, float] = {}
     results["accuracy"] = modules["accuracy"].compute(predictions=y_pred, references=y_true)["accuracy"]
-    for name in ("precision", "recall", "f1"):
-        out = modules[name].compute(
-            predictions=y_pred, references=y_true, labels=labels, average="macro", zero_division=0.0
-        )
-        results[f"{name}_macro"] = out[name]
-    per_class = modules["f1"].compute(
+    out = modules["precision_recall_f1"].compute(
         predictions=y_pred, references=y_true, labels=labels, average=None, zero_division=0.0
-    )["f1"]
-    per_class = np.asarray(per_class, dtype=np.float64).reshape(-1)
-    if per_class.shape[0] != num_labels:  # defensive: the module must return one score per label
-        raise RuntimeError(f"f1 module returned {per_class.shape[0]} per-class scores for {num_labels} labels")
-    for key, score in zip(_label_keys(label_names), per_class):
+    )
+    per_class = {}
+    for name in ("precision", "recall", "f1"):
+        scores = np.asarray(out[name], dtype=np.float64).reshape(-1)
+        if scores.shape[0] != num_labels:  # defensive: the module must return one score per label
+            raise RuntimeError(f"{name} returned {scores.shape[0]} per-class scores for {num_labels} labels")
+        per_class[name] = scores
+        results[f"{name}_macro"] = np.mean(scores)  # = average="macro" (no NaN with zero_division=0)
+    for key, score in zip(_label_keys(label_names), per_class["f1"]):
         results[f"f1_{key}"] = score
     if num_labels == 2:
-        results["f1_binary"] = modules["f1"].compute(
-            predictions=y_pred, references=y_true, average="binary", pos_label=1, zero_division=0.0
-        )["f1"]
+        results["f1_binary"] = per_class["f1"][1]  # = average="binary", pos_label=1
     return {f"{prefix}{key}": float(value) for key, value in results.items()}
 
 

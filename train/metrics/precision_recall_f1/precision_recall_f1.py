@@ -1,8 +1,9 @@
-"""F1 for single-label classification, numpy only.
+"""Precision, recall and F1 for single-label classification, in one pass, numpy only.
 
-An `evaluate` module with the same call convention as the Hub's ``f1`` (``predictions``,
-``references``, ``labels``, ``pos_label``, ``average``, ``sample_weight``, ``zero_division``),
-shipped inside bertfit so it loads offline: ``evaluate.load("<path>/f1")``. Results match
+An `evaluate` module with the call convention of the Hub's ``precision``, ``recall`` and ``f1``
+(``predictions``, ``references``, ``labels``, ``pos_label``, ``average``, ``sample_weight``,
+``zero_division``) that returns all three scores from one count of TP, FP and FN, shipped inside
+bertfit so it loads offline: ``evaluate.load("<path>/precision_recall_f1")``. Results match
 scikit-learn's ``precision_recall_fscore_support`` (checked by tests/test_metrics.py).
 """
 
@@ -11,8 +12,11 @@ import evaluate
 import numpy as np
 
 _DESCRIPTION = """
-F1 = 2 * (precision * recall) / (precision + recall) = 2 TP / (2 TP + FP + FN): the harmonic mean of precision and recall.
-Per-class scores are combined according to `average` (macro, micro, weighted, binary or None).
+Precision = TP / (TP + FP): the fraction of the examples predicted as a class that truly belong to it.
+Recall = TP / (TP + FN): the fraction of the examples of a class that are predicted as that class.
+F1 = 2 * (precision * recall) / (precision + recall) = 2 TP / (2 TP + FP + FN): their harmonic mean.
+All three are computed from the same per-class counts; per-class scores are combined according to
+`average` (macro, micro, weighted, binary or None).
 """
 
 _KWARGS_DESCRIPTION = """
@@ -29,19 +33,24 @@ Args:
         - 'micro': from the total TP, FP and FN over `labels`.
         - 'macro': unweighted mean of the per-class scores.
         - 'weighted': per-class scores weighted by their support (number of true examples).
-        - None: the per-class scores, as a numpy float array in `labels` order.
+        - None: the per-class scores, as numpy float arrays in `labels` order.
     sample_weight (`list` of `float`, optional): Per-example weights. Defaults to None.
-    zero_division (0, 1, nan or "warn"): The score of a class when the class is neither predicted nor present in the references (TP + FP + FN == 0).
+    zero_division (0, 1, nan or "warn"): The score of a class whose score is 0/0, for each metric on
+        its own condition: precision when no example is predicted as the class (TP + FP == 0), recall
+        when the class has no example in the references (TP + FN == 0), F1 when the class is neither
+        predicted nor present in the references (TP + FP + FN == 0).
         Defaults to 0.0 ("warn" also means 0, without a warning). NaN scores are left out of averages.
 
 Returns:
-    f1 (`float` or `numpy.ndarray` of `float`): Between 0 and 1, higher is better. A float for
-        every `average` except None, which gives one score per class in `labels` order.
+    precision (`float` or `numpy.ndarray` of `float`): Between 0 and 1, higher is better.
+    recall (`float` or `numpy.ndarray` of `float`): Between 0 and 1, higher is better.
+    f1 (`float` or `numpy.ndarray` of `float`): Between 0 and 1, higher is better.
+    Each is a float for every `average` except None, which gives one score per class in `labels` order.
 
 Examples:
-    >>> f1_metric = evaluate.load("train/metrics/f1")
-    >>> f1_metric.compute(predictions=[0, 2, 1, 0, 0, 1], references=[0, 1, 2, 0, 1, 2], average="macro")
-    {'f1': 0.26666666666666666}
+    >>> prf_metric = evaluate.load("train/metrics/precision_recall_f1")
+    >>> prf_metric.compute(predictions=[0, 2, 1, 0, 0, 1], references=[0, 1, 2, 0, 1, 2], average="macro")
+    {'precision': 0.2222222222222222, 'recall': 0.3333333333333333, 'f1': 0.26666666666666666}
 """
 
 _CITATION = """
@@ -55,11 +64,6 @@ _CITATION = """
 }
 """
 
-# ---------------------------------------------------------------------------------------------
-# Shared counting code. precision.py, recall.py and f1.py each carry an identical copy of this
-# block, because an `evaluate` module is a single self-contained file (evaluate copies only the
-# script into its modules cache). tests/test_metrics.py checks all three against scikit-learn.
-# ---------------------------------------------------------------------------------------------
 _AVERAGES = ("binary", "micro", "macro", "weighted", None)
 
 
@@ -154,27 +158,25 @@ def _average_scores(scores, true_sum, average):
     return float(np.mean(scores[keep]))
 
 
-def _score(kind, predictions, references, labels, pos_label, average, sample_weight, zero_division):
+def _precision_recall_f1(predictions, references, labels, pos_label, average, sample_weight, zero_division):
     _zero_division_value(zero_division)  # validate early
     labels, tp, pred_sum, true_sum = _per_class_counts(
         predictions, references, labels, pos_label, average, sample_weight
     )
     if average == "micro":
         tp, pred_sum, true_sum = (np.atleast_1d(x.sum()) for x in (tp, pred_sum, true_sum))
-    if kind == "precision":
-        scores = _divide(tp, pred_sum, zero_division)
-    elif kind == "recall":
-        scores = _divide(tp, true_sum, zero_division)
-    else:  # f1 = 2 TP / (2 TP + FP + FN) = 2 TP / (true_sum + pred_sum)
-        scores = _divide(2.0 * tp, true_sum + pred_sum, zero_division)
-    return _average_scores(scores, true_sum, average)
-
-
-# ------------------------------------ end of shared block ------------------------------------
+    # Each metric divides by its own denominator, so each has its own 0/0 condition:
+    # precision TP + FP, recall TP + FN, f1 2 TP + FP + FN (= true_sum + pred_sum).
+    scores = {
+        "precision": _divide(tp, pred_sum, zero_division),
+        "recall": _divide(tp, true_sum, zero_division),
+        "f1": _divide(2.0 * tp, true_sum + pred_sum, zero_division),
+    }
+    return {name: _average_scores(value, true_sum, average) for name, value in scores.items()}
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class F1(evaluate.Metric):
+class PrecisionRecallF1(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -186,7 +188,9 @@ class F1(evaluate.Metric):
                     "references": datasets.Value("int64"),
                 }
             ),
-            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"],
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.precision_recall_fscore_support.html"
+            ],
         )
 
     def _compute(
@@ -199,7 +203,6 @@ class F1(evaluate.Metric):
         sample_weight=None,
         zero_division=0.0,
     ):
-        score = _score(
-            "f1", predictions, references, labels, pos_label, average, sample_weight, zero_division
+        return _precision_recall_f1(
+            predictions, references, labels, pos_label, average, sample_weight, zero_division
         )
-        return {"f1": score}
