@@ -1,10 +1,12 @@
 """The Accelerator, set up the same way whatever the launcher: CPU processes, GPUs, DDP or DeepSpeed.
 
-Facts this relies on (checked, see the README's distributed section):
+Facts this relies on (checked, see docs/distributed.md and tests/test_distributed.py):
 - on a CPU-only machine `accelerate launch --multi_gpu` needs cpu=True to form one gloo process group;
 - DeepSpeed on CPU needs the gloo backend named explicitly;
 - with a custom batch sampler Accelerate cannot infer DeepSpeed's micro-batch size, and its "auto"
-  gradient_clipping becomes 1.0 whatever the run says; both are filled here from the run config.
+  gradient_clipping becomes 1.0 whatever the run says; both are filled here from the run config;
+- under DeepSpeed `accelerator.backward` runs the engine's step (clip, optimizer step, zero_grad) at the
+  accumulation boundary, with the LR the loop wrote into optimizer.param_groups before the step's micro-batches.
 """
 
 from __future__ import annotations
@@ -37,17 +39,36 @@ def make_accelerator(cfg: TrainConfig):
                                                             timeout=timedelta(seconds=cfg.dist_timeout_s))]
     if cfg.mixed_precision is not None:
         kwargs["mixed_precision"] = cfg.mixed_precision
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not has_gpu and not uses_deepspeed(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=trackers(cfg) or None,
         project_config=project,
         **kwargs,
     )
+    honour_zero3_init_flag(accelerator)
+    return accelerator
 
 
 def is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
+
+
+def honour_zero3_init_flag(accelerator) -> None:
+    """With ``zero3_init_flag: false``, let ``from_pretrained`` load whole weights, as under DDP.
+
+    Accelerate registers its DeepSpeed config with transformers whatever the flag says, so under ZeRO-3
+    ``from_pretrained`` would still build the model inside ``deepspeed.zero.Init`` (parameters partitioned at
+    load) and record every legacy weight renaming as used, which makes ``save_pretrained`` write
+    ``LayerNorm.gamma``/``beta`` instead of ``weight``/``bias``. Without zero.Init each rank holds the full model
+    in host memory until ``accelerator.prepare`` partitions it: fine for encoders; set the flag to true for
+    models that do not fit in one process's memory."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3 or plugin.zero3_init_flag:
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def _fill(ds_config: dict, key: str, value, setting: str) -> None:
@@ -75,3 +96,10 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
                               f"LR schedule, remove the \"{section}\" section")
     # Keep torch AdamW under CPU offload unless the config asks for DeepSpeed's own CPU Adam.
     ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3:  # the best-model export gathers full 16-bit weights from every rank
+        gather = zero.get("stage3_gather_16bit_weights_on_model_save", "auto")
+        if gather is False:
+            raise ConfigError("the DeepSpeed config sets zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                              "to false; bertfit's best-model export needs it true under ZeRO-3")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
