@@ -1,6 +1,6 @@
 """Benchmark ``python -m data_prep`` against the tokenizer's own batched speed, and its peak memory.
 
-    python -m bench.data_prep_speed            # full run (~15-20 min on 2 cores), writes docs/benchmarks.md
+    python -m bench.data_prep_speed            # full run (15-25 min on 2 shared cores), writes docs/benchmarks.md
     python -m bench.data_prep_speed --quick    # 2k + 10k documents, one repeat, prints only
 
 What it does, on the same synthetic texts for every line:
