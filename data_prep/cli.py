@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "count. Default: error")
     run = p.add_argument_group("output layout and speed")
     run.add_argument("--num-proc", type=_positive_int, default=1,
-                     help="worker processes for tokenizing; the output is identical for any value. Default: 1")
+                     help="worker processes for tokenizing; the output is identical for any value. 1 already uses "
+                          "every core through the Rust tokenizer's thread pool: more workers pay off only on "
+                          "machines with many cores (see docs/benchmarks.md). Default: 1")
     run.add_argument("--num-shards", type=_positive_int, default=None,
                      help="Arrow shards per split (cut between documents). Default: by --shard-size")
     run.add_argument("--shard-size", type=_positive_int, default=50_000,

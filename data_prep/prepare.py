@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import sys
-from collections import Counter, defaultdict, deque
+from array import array
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,14 +68,38 @@ class PrepOptions:
     progress: bool = True
 
 
+class Codes:
+    """Strings stored as small integer codes: a few bytes per row, whatever the corpus size."""
+
+    def __init__(self):
+        self.values: list[str] = []
+        self.index: dict[str, int] = {}
+        self.codes = array("q")  # 8-byte signed ints, read back as int64
+
+    def append(self, value: str) -> None:
+        code = self.index.get(value)
+        if code is None:
+            code = self.index[value] = len(self.values)
+            self.values.append(value)
+        self.codes.append(code)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def decoded(self, mapping: dict[str, int]) -> np.ndarray:
+        """The codes translated through ``mapping`` (value -> new code)."""
+        table = np.array([mapping.get(v, -1) for v in self.values], dtype=np.int64)
+        return table[np.frombuffer(self.codes, dtype=np.int64)] if len(self.codes) else np.zeros(0, np.int64)
+
+
 @dataclass
 class ScanResult:
     """What the first pass learned: one entry per kept row, in reading order, plus drop counts."""
 
     keep: list[bytearray] = field(default_factory=list)  # per source: 1 = row kept
-    labels: list[str] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)
-    given_split: list[str | None] = field(default_factory=list)
+    labels: Codes = field(default_factory=Codes)
+    groups: Codes = field(default_factory=Codes)
+    given_split: Codes = field(default_factory=Codes)  # "" = no split given
     rows_per_source: list[int] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)  # (split or None, reason) -> rows
 
@@ -183,7 +208,7 @@ def scan(opts: PrepOptions, sources: list[Source]) -> ScanResult:
                 result.groups.append(label_text(record[opts.group_column]))
             keep.append(1)
             result.labels.append(label)
-            result.given_split.append(split)
+            result.given_split.append(split or "")
         source.scanned = True
         result.keep.append(keep)
         result.rows_per_source.append(ordinal)
@@ -199,50 +224,54 @@ def _natural_label_order(labels: set[str]) -> list[str]:
 
 
 def decide_splits(opts: PrepOptions, scan_result: ScanResult,
-                  label_ids: list[int]) -> tuple[list[str], np.ndarray, dict[str, float] | None]:
+                  label_ids: np.ndarray) -> tuple[list[str], np.ndarray, dict[str, float] | None]:
     """Split names (in output order), the split index of every kept row, and the ratios used (if any)."""
-    given = scan_result.given_split
-    unsplit = [i for i, s in enumerate(given) if s is None]
+    given_codes = scan_result.given_split
+    given_names = [s for s in given_codes.values if s]
+    unsplit = np.flatnonzero(given_codes.decoded({s: 0 for s in given_names}) < 0)
     ratios = opts.split_ratios
-    if ratios is not None and not unsplit:
+    if ratios is not None and not len(unsplit):
         raise DataPrepError("--split-ratios: every row already has a split (from --input SPLIT=PATH or "
                             "--split-column); drop --split-ratios or give an input without SPLIT=")
-    if unsplit and ratios is None:
+    if len(unsplit) and ratios is None:
         ratios = DEFAULT_RATIOS
     names: list[str] = []
-    for s in list(ratios or {}) + [s for s in given if s is not None]:
+    for s in list(ratios or {}) + given_names:
         if s not in names:
             names.append(s)
     first_seen = list(names)
     names.sort(key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), first_seen.index(s)))
     index = {s: k for k, s in enumerate(names)}
-    split_idx = np.array([index[s] if s is not None else -1 for s in given], dtype=np.int64)
-    if unsplit:
-        sub_labels = [label_ids[i] for i in unsplit]
-        sub_groups = [scan_result.groups[i] for i in unsplit] if opts.group_column else None
+    split_idx = given_codes.decoded(index)  # -1 where no split was given
+    if len(unsplit):
+        sub_labels = label_ids[unsplit].tolist()
+        sub_groups = None
+        if opts.group_column:
+            group_codes = np.frombuffer(scan_result.groups.codes, dtype=np.int64)[unsplit]
+            sub_groups = [scan_result.groups.values[g] for g in group_codes]
         assigned = assign_splits(sub_labels, sub_groups, ratios, opts.seed)
-        ratio_names = list(ratios)
-        split_idx[np.asarray(unsplit)] = [index[ratio_names[a]] for a in assigned]
-    counts = np.bincount(split_idx, minlength=len(names))
+        ratio_index = np.array([index[name] for name in ratios], dtype=np.int64)
+        split_idx[unsplit] = ratio_index[assigned]
+    counts = np.bincount(split_idx, minlength=len(names))  # every row now has a split
     for name, count in zip(names, counts):
         if count == 0:
             how = (f"the ratios {','.join(f'{k}={v:g}' for k, v in ratios.items())} leave it empty for "
                    f"{len(unsplit)} rows" if ratios and name in ratios else "every row of it was dropped")
             raise DataPrepError(f"split {name!r} would have no documents: {how}")
-    return names, split_idx, (ratios if unsplit else None)
+    return names, split_idx, (ratios if len(unsplit) else None)
 
 
 # --------------------------------------------------------------------------------------------- encoding
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, template, settings: ChunkSettings, pairs: bool, threads: bool) -> None:
+def _init_worker(tokenizer_json: str, template, settings: ChunkSettings, pairs: bool, schema, threads: bool) -> None:
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     from tokenizers import Tokenizer
 
     _WORKER.update(tokenizer=Tokenizer.from_str(tokenizer_json), template=template, settings=settings,
-                   pairs=pairs)
+                   pairs=pairs, schema=schema)
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
@@ -252,8 +281,7 @@ def _encode(texts: list[str]) -> list[list[int]]:
 
 def encode_job(job: dict) -> list[tuple[int, object, np.ndarray, dict]]:
     """Tokenize and window one batch of documents; returns (split index, Arrow table, doc ids, stats) per split."""
-    settings, template = _WORKER["settings"], _WORKER["template"]
-    schema = window_features(_WORKER["pairs"]).arrow_schema
+    settings, template, schema = _WORKER["settings"], _WORKER["template"], _WORKER["schema"]
     out = []
     for s in np.unique(job["split"]):
         rows = np.flatnonzero(job["split"] == s)
@@ -381,11 +409,11 @@ def prepare(opts: PrepOptions) -> dict:
     check_columns(opts, sources)
 
     scan_result = scan(opts, sources)
-    label_names = list(opts.labels) if opts.labels else _natural_label_order(set(scan_result.labels))
-    if not label_names or not scan_result.labels:
+    label_names = list(opts.labels) if opts.labels else _natural_label_order(set(scan_result.labels.values))
+    if not label_names or not len(scan_result.labels):
         raise DataPrepError("no rows left to prepare (every row was dropped; see the counts above)")
     label_index = {name: i for i, name in enumerate(label_names)}
-    label_ids = [label_index[x] for x in scan_result.labels]
+    label_ids = scan_result.labels.decoded(label_index)
     split_names, split_idx, ratios_used = decide_splits(opts, scan_result, label_ids)
 
     pairs = opts.text_pair_column is not None
@@ -405,7 +433,8 @@ def prepare(opts: PrepOptions) -> dict:
         stats = [{"documents": 0, "windows": 0, "tokens": 0, "truncated": 0, "truncated_by": {},
                   "windows_dropped": {}, "labels": [0] * len(label_names)} for _ in split_names]
         jobs = iter_jobs(opts, sources, scan_result, label_index, split_idx, len(split_names))
-        init_args = (backend_json(tok), template, settings, pairs)
+        # workers get the Arrow schema, not the `datasets` features: they never import `datasets`
+        init_args = (backend_json(tok), template, settings, pairs, features.arrow_schema)
         progress = _progress(int(docs_per_split.sum()), opts.progress)
         for results in run_jobs(jobs, init_args, opts.num_proc):
             for s, table, doc_ids, st in results:

@@ -564,3 +564,20 @@ def test_cli_subprocess_exit_code_and_help(tmp_path, tiny_model):
                 "--max-chunks-per-doc", "--clean", "--on-empty", "--encoding", "--num-proc", "--num-shards",
                 "--shard-size", "--overwrite"):
         assert opt in r.stdout, opt
+
+
+def test_tokenizer_fingerprint_is_stable_across_loaders_and_save(tmp_path, tiny_model, minilm_dir):
+    """data_prep loads the tokenizer class directly (no torch import); train, evaluate and predict must see the
+    same fingerprint through AutoTokenizer and after the export's save_pretrained."""
+    from transformers import AutoTokenizer
+
+    from data_prep.tokenizer import load_fast_tokenizer, tokenizer_fingerprint
+
+    for folder in (tiny_model, minilm_dir):
+        direct = load_fast_tokenizer(str(folder))
+        auto = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer_fingerprint(direct) == tokenizer_fingerprint(auto)
+        auto.save_pretrained(tmp_path / folder.name)
+        assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / folder.name)) == tokenizer_fingerprint(auto)
+    assert tokenizer_fingerprint(load_fast_tokenizer(str(tiny_model))) != tokenizer_fingerprint(
+        load_fast_tokenizer(str(minilm_dir)))
