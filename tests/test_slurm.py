@@ -403,7 +403,8 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identical(multinode_jobs):
 
 def test_config_error_fails_without_requeue_despite_stale_status(multinode_jobs):
     """`--per_device_batch_size 0`: FAILED with the trainer's one-line error in the job log, Restarts=0. The stale
-    run_status.json {"state": "requeue"} left in output_dir by an 'earlier run' does not cause a requeue."""
+    run_status.json {"state": "requeue"} left in output_dir by an 'earlier run' does not cause a requeue: the trainer
+    replaces it with {"state": "failed", "error": ...} and the batch script repeats that error."""
     f = multinode_jobs["F"]
     wait_for_state(f["job"], "FAILED", timeout=300)
     print(f"F job {f['job']}: {states_seen(f['job'])}, Restarts={job_field(f['job'], 'Restarts')}, "
@@ -411,9 +412,11 @@ def test_config_error_fails_without_requeue_despite_stale_status(multinode_jobs)
     log = job_log(f["job"], f["log"])
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert errors == ["error: per_device_batch_size must be >= 1, got 0"], log
-    assert "run_status.json state: none (this attempt wrote none" in log, log
+    assert "run_status.json state: failed" in log, log
+    assert "trainer error: per_device_batch_size must be >= 1, got 0" in log, log
     assert "training FAILED" in log and "not requeueing" in log and "scontrol requeue" not in log, log
-    assert status(f["out"])["state"] == "requeue"  # the stale file, untouched
+    final = status(f["out"])  # the stale 'requeue' file, replaced by this attempt's own record
+    assert final["state"] == "failed" and "per_device_batch_size" in final["error"], final
     assert job_field(f["job"], "JobState") == "FAILED" and job_field(f["job"], "Restarts") == "0"
 
 
