@@ -8,7 +8,7 @@ import torch
 
 from train.checkpoint import (LOOP_STATE, capture_rng, complete_checkpoints, latest_checkpoint,
                               remove_partial_checkpoints, restore_rng, rotate_checkpoints)
-from train.data import collate_windows, epoch_batches, eval_batches, steps_per_epoch
+from train.data import WindowBatches, collate_windows, epoch_batches, eval_batches, steps_per_epoch
 from train.evaluation import pool_document_logits, softmax
 from train.optim import lr_at_step, param_groups, warmup_steps_for
 from train.throughput import mfu, training_flops_per_token
@@ -77,6 +77,34 @@ def test_collate_pads_dynamically():
     assert b["token_type_ids"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
     assert b["real_tokens"] == 7 and b["padded_tokens"] == 8 and b["rows"].tolist() == [10, 11]
     assert collate_windows(rows, [0, 1], pad_id=0, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
+
+
+def test_window_batches_arrow_path_matches_datasets_indexing(tmp_path):
+    """The zero-copy Arrow gathering gives exactly the batch that plain `datasets` indexing gives, across record
+    batches (saved in several small shards) and with token_type_ids; a shuffled view falls back to indexing."""
+    import datasets
+    rng = np.random.default_rng(1)
+    n = 300
+    ids = [rng.integers(5, 1000, size=rng.integers(1, 40)).tolist() for _ in range(n)]
+    ds = datasets.Dataset.from_dict({
+        "input_ids": ids, "token_type_ids": [[i % 2 for i in range(len(x))] for x in ids],
+        "label": rng.integers(0, 3, size=n).tolist(), "doc_id": list(range(n)), "chunk_index": [0] * n,
+        "length": [len(x) for x in ids]})
+    ds.save_to_disk(str(tmp_path / "d"), max_shard_size="4KB")
+    ds = datasets.load_from_disk(str(tmp_path / "d"))
+    assert len(ds.data.table.column("input_ids").chunks) > 1  # really spans several record batches
+    fast = WindowBatches(ds, pad_id=0, pad_to_multiple_of=8)
+    assert fast._arrow is not None
+    for indices in ([0], [299, 3, 150, 3], rng.permutation(n)[:64].tolist()):
+        want = collate_windows(ds.select_columns(fast.columns)[indices], indices, pad_id=0, pad_to_multiple_of=8)
+        got = fast[indices]
+        assert got.keys() == want.keys()
+        for k in want:
+            assert (torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] == want[k]), k
+    shuffled = ds.shuffle(seed=0)
+    slow = WindowBatches(shuffled, pad_id=0)
+    assert slow._arrow is None
+    assert slow[[0, 1]]["doc_ids"].tolist() == shuffled[[0, 1]]["doc_id"]
 
 
 def test_lr_schedule_shape():
