@@ -52,6 +52,8 @@ from pathlib import Path
 os.environ.pop("TOKENIZERS_PARALLELISM", None)  # before tokenizers is imported: both sides use all cores
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from bench._common import machine  # noqa: E402  (after the environment above)
+
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILE = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- data_prep_speed:start -->", "<!-- data_prep_speed:end -->"
@@ -296,25 +298,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = "-"
     return out
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    return f"{model}, {cores} cores usable{mem}, {platform.system()} {platform.release()}"
 
 
 def source_state() -> str:

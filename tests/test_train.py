@@ -24,20 +24,6 @@ pytestmark = pytest.mark.timeout(900)
 EVAL_BS = 3
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_model):
-    """Tiny shards: 2 labels, documents of 1-4 windows of at most 24 tokens."""
-    from data_prep.cli import main as prep_main
-    from train.tiny_model import write_synthetic_csv
-
-    root = tmp_path_factory.mktemp("prepared")
-    csv_path = write_synthetic_csv(root / "data.csv", 150, num_labels=2, seed=1)
-    out = root / "shards"
-    rc = prep_main(["--input", str(csv_path), "--output", str(out), "--tokenizer", str(tiny_model), "--max-length",
-                    "24", "--id-column", "id", "--quiet"])
-    assert rc == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    return out, manifest
 
 
 def base_config(tiny_model, data, out, **over) -> dict:
