@@ -101,6 +101,9 @@ def test_window_batches_arrow_path_matches_datasets_indexing(tmp_path):
         assert got.keys() == want.keys()
         for k in want:
             assert (torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] == want[k]), k
+    import pickle  # as a DataLoader worker gets it
+    copy = pickle.loads(pickle.dumps(fast))
+    assert copy._arrow is not None and torch.equal(copy[[5, 7]]["input_ids"], fast[[5, 7]]["input_ids"])
     shuffled = ds.shuffle(seed=0)
     slow = WindowBatches(shuffled, pad_id=0)
     assert slow._arrow is None

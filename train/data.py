@@ -97,7 +97,6 @@ class WindowBatches(torch.utils.data.Dataset):
         self.ds = ds
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.has_types = "token_type_ids" in ds.column_names
         self.columns = [c for c in ("input_ids", "token_type_ids", "label", "doc_id", "chunk_index")
                         if c in ds.column_names]
         self._view = None  # the slow path's column view, made once
@@ -115,18 +114,12 @@ class WindowBatches(torch.utils.data.Dataset):
             rows = self._view[indices]
         return collate_windows(rows, indices, self.pad_id, self.pad_to_multiple_of)
 
-    def __getstate__(self):  # DataLoader workers (spawn) rebuild the views from the dataset
-        state = dict(self.__dict__)
-        state["_arrow"] = None
-        state["_view"] = None
-        state["_rebuild"] = True
-        return state
+    def __getstate__(self):  # DataLoader workers (spawn) get the dataset and rebuild the views over its files
+        return {**self.__dict__, "_arrow": None, "_view": None}
 
     def __setstate__(self, state):
-        rebuild = state.pop("_rebuild", False)
         self.__dict__.update(state)
-        if rebuild:
-            self._arrow = _ArrowColumns.build(self.ds, self.columns)
+        self._arrow = _ArrowColumns.build(self.ds, self.columns)
 
 
 class _ArrowColumns:
