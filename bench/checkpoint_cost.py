@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -67,7 +68,9 @@ def launch(layout: str, run_yaml: Path, out_dir: Path, steps: int) -> dict:
         raise RuntimeError(f"{layout} failed (rc {r['rc']}):\n{text[-4000:]}")
     if "world size 2" not in text:
         raise RuntimeError(f"{layout}: not a 2-process run")
-    timings = [json.loads(line.split("CKPT_TIMING ", 1)[1]) for line in text.splitlines() if "CKPT_TIMING " in line]
+    # Both ranks print to one pipe, and print() writes the text and its newline separately, so two records can
+    # share a line: find each {...} after the marker instead of splitting lines.
+    timings = [json.loads(m) for m in re.findall(r"CKPT_TIMING (\{[^{}]*\})", text)]
     r["timings"] = timings
     return r
 
