@@ -320,10 +320,10 @@ def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_b
 
 def stop_signal_received(accelerator) -> bool:
     """True on every rank if any rank got SIGUSR1/SIGTERM (so all checkpoint at the same step)."""
+    if accelerator.num_processes == 1:  # nothing to agree on: no device tensor, no host sync per step
+        return signals.stop_requested()
     flag = torch.tensor([1.0 if signals.stop_requested() else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="max")
-    return bool(flag.item())
+    return bool(accelerator.reduce(flag, reduction="max").item())
 
 
 def requeue_exit(accelerator, out: Path, state: LoopState, path: Path) -> int:
