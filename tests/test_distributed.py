@@ -84,9 +84,8 @@ CASES = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- fixtures
-
-
+# ----------------------------------------------------------------------------------------------- helpers
+# (the `prepared` shards fixture is in conftest.py)
 def run_config(tiny_model, data, out: Path, **over) -> dict:
     cfg = dict(model=str(tiny_model), data=str(data), output_dir=str(out), seed=7, max_steps=STEPS,
                per_device_batch_size=4, eval_batch_size=3, learning_rate=2e-3, warmup_steps=2, max_grad_norm=0.2,

@@ -24,8 +24,6 @@ pytestmark = pytest.mark.timeout(900)
 EVAL_BS = 3
 
 
-
-
 def base_config(tiny_model, data, out, **over) -> dict:
     cfg = dict(model=str(tiny_model), data=str(data), output_dir=str(out), seed=7, epochs=2,
                per_device_batch_size=4, eval_batch_size=EVAL_BS, learning_rate=2e-3, warmup_steps=2,
