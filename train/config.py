@@ -92,6 +92,9 @@ class TrainConfig:
     """Write train/loss, lr, grad_norm, tokens_per_s, padding_fraction every N optimizer steps."""
     num_workers: int = 0
     """DataLoader worker processes per training process (0 = load in the training process)."""
+    fast_cpu_dropout: bool = True
+    """On CPU, draw dropout masks 4 per random number instead of PyTorch's serial per-element sampler (same p and
+    scaling; ~12% faster MiniLM steps, see docs/benchmarks.md). No effect on GPU or outside training."""
     trust_remote_code: bool = False
     """Allow model code from the model folder to run. Off: only architectures transformers ships."""
     peak_tflops: Optional[float] = None

@@ -1,0 +1,141 @@
+"""The fast CPU dropout draws Bernoulli(p) masks with the right rate, scales kept values by the exact inverse
+keep probability, and leaves attention math, eval mode and the saved model exactly as the stock code has them."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from train import cpu_dropout
+from train.cpu_dropout import ATTENTION_NAME, FastCPUDropout, drop_mask, drop_threshold, dropout_attention, \
+    use_fast_cpu_dropout
+
+
+def within_binomial(count: int, n: int, p: float, sigmas: float = 6.0) -> bool:
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+def test_threshold_and_scale():
+    t, scale = drop_threshold(0.1)
+    assert t == 6554 and scale == pytest.approx(1 / (1 - 6554 / 65536), rel=1e-12)
+    assert drop_threshold(0.0) == (0, 1.0)
+    with pytest.raises(ValueError, match="1.0"):
+        drop_threshold(1.0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.03])
+def test_drop_rate_per_lane(p):
+    torch.manual_seed(0)
+    n = 1 << 22
+    drop, _ = drop_mask((n,), p, "cpu")
+    p_eff = drop_threshold(p)[0] / 65536
+    assert within_binomial(int(drop.sum()), n, p_eff)
+    # each of the four 16-bit lanes of a 64-bit draw (a biased sign bit would skew lane 3)
+    for lane in range(4):
+        assert within_binomial(int(drop[lane::4].sum()), n // 4, p_eff), lane
+    # neighbours are independent: P(both dropped) = p^2
+    assert within_binomial(int((drop[:-1] & drop[1:]).sum()), n - 1, p_eff * p_eff)
+
+
+def test_masks_follow_torch_seed_and_odd_sizes():
+    torch.manual_seed(3)
+    a, _ = drop_mask((7, 5, 3), 0.2, "cpu")  # 105 elements: not a multiple of 4
+    torch.manual_seed(3)
+    b, _ = drop_mask((7, 5, 3), 0.2, "cpu")
+    c, _ = drop_mask((7, 5, 3), 0.2, "cpu")
+    assert a.shape == (7, 5, 3) and torch.equal(a, b) and not torch.equal(b, c)
+    assert not drop_mask((1000,), 0.0, "cpu")[0].any()
+
+
+def test_dropout_module_values_gradient_and_eval():
+    layer = FastCPUDropout(0.25)
+    assert isinstance(layer, nn.Dropout) and layer.p == 0.25
+    x = torch.rand(64, 512) + 0.5
+    x.requires_grad_(True)
+    torch.manual_seed(1)
+    y = layer(x)
+    _, scale = drop_threshold(0.25)
+    kept = y != 0
+    assert torch.allclose(y[kept], x.detach()[kept] * scale)
+    assert within_binomial(int((~kept).sum()), kept.numel(), 0.25)
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() * scale)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    big = torch.ones(2000, 2000)
+    assert FastCPUDropout(0.1).train()(big).mean().item() == pytest.approx(1.0, abs=3e-3)  # unbiased
+
+
+def qkv(seed=0, b=3, h=4, length=9, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, length, d, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_attention_math_equals_sdpa_when_nothing_is_dropped(monkeypatch, mask_kind):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = qkv()
+    mask = None
+    if mask_kind != "none":
+        keep = torch.ones(3, 1, 9, 9, dtype=torch.bool)
+        keep[0, ..., 6:] = False  # padding at the end of the first sequence
+        mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    module = nn.Module()
+    module.is_causal = False
+    reference, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    # the dropout path with a mask that drops nothing and scale 1 must be sdpa's math exactly
+    monkeypatch.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (torch.zeros(shape, dtype=torch.bool), 1.0))
+    ours, _ = dropout_attention(module, q, k, v, mask, dropout=0.1, scaling=0.3)
+    assert ours.shape == reference.shape == (3, 9, 4, 8)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_attention_drops_probabilities_and_rescales(monkeypatch):
+    q, k, v = qkv(1)
+    module = nn.Module()
+    module.is_causal = False
+    drop = torch.zeros(3, 4, 9, 9, dtype=torch.bool)
+    drop[:, :, :, 0] = True  # nobody attends to position 0
+    monkeypatch.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (drop, 2.0))
+    ours, _ = dropout_attention(module, q, k, v, None, dropout=0.5, scaling=None)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    expected = (probs.masked_fill(drop, 0.0) @ v * 2.0).transpose(1, 2)
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    stock = AutoModelForSequenceClassification.from_pretrained(tiny_model)
+    fast = AutoModelForSequenceClassification.from_pretrained(tiny_model)
+    n_dropout = sum(type(m) is nn.Dropout for m in fast.modules())
+    assert use_fast_cpu_dropout(fast) == n_dropout > 0
+    assert not any(type(m) is nn.Dropout for m in fast.modules())
+    assert fast.config._attn_implementation == ATTENTION_NAME
+    ids = torch.randint(5, 60, (4, 20))
+    am = torch.ones_like(ids)
+    am[1, 12:] = 0
+    stock.eval(), fast.eval()
+    with torch.no_grad():
+        assert torch.allclose(stock(input_ids=ids, attention_mask=am).logits,
+                              fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
+    # training with masks that drop nothing is the stock eval forward, padding mask included
+    fast.train()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (torch.zeros(shape, dtype=torch.bool), 1.0))
+        with torch.no_grad():
+            assert torch.allclose(stock(input_ids=ids, attention_mask=am).logits,
+                                  fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
+    # training: dropout really applies (outputs vary with the seed), and is reproducible from the seed
+    fast.train()
+    outs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outs.append(fast(input_ids=ids, attention_mask=am).logits)
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+    fast.save_pretrained(tmp_path / "saved")
+    assert ATTENTION_NAME not in (tmp_path / "saved" / "config.json").read_text()
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"]
