@@ -7,20 +7,24 @@
     python -m bench.train_speed --variants before=/tmp/bertfit-base,after=/tmp/bertfit-data --configs bertfit,bare
                                                 # the same loop from several copies of the repo (before/after)
 
-Four configurations, each in its own fresh process with 2 intra-op threads (OMP_NUM_THREADS=2 and
+Six configurations, each in its own fresh process with 2 intra-op threads (OMP_NUM_THREADS=2 and
 torch.set_num_threads(2)), batch 16, fp32, AdamW at lr 5e-5 with linear decay to 0 over the same number of
 optimizer steps, max grad norm 1.0, on the same shards (BBC news, 256-token windows, train split; optionally Rotten
 Tomatoes reviews):
 
   bertfit         ``python -m train --config run.yaml`` (one process, no accelerate launch), report_to none,
                   eval_split null, log every step; numbers come from its logs/history.jsonl (see below)
+  bertfit_torch_dropout  the same with ``fast_cpu_dropout: false``: PyTorch's own CPU dropout sampler (what
+                  bertfit ran before train/cpu_dropout.py, and what Trainer runs)
   trainer         transformers.Trainer with default settings: default sampler (random) and
                   DataCollatorWithPadding, over a ``datasets.Dataset`` of the same windows (input_ids, label)
   trainer_grouped the same with ``train_sampling_strategy="group_by_length"`` (transformers 5.x name; 4.x
                   called it ``group_by_length=True``)
   bare            a plain PyTorch loop over exactly the micro-batches bertfit makes (``epoch_batches`` +
                   ``WindowBatches``, same seed, so the same batches as bertfit): forward, backward,
-                  clip_grad_norm_, AdamW step, zero_grad; no Accelerate, no logging, no host syncs
+                  clip_grad_norm_, AdamW step, zero_grad; no Accelerate, no logging, no host syncs; the model
+                  gets bertfit's CPU dropout (``use_fast_cpu_dropout``) so only the loop differs
+  bare_eval       the bare loop without ``model.train()``: dropout off (a common bug; for reference)
 
 Throughput is measured the same way for all: steps 1..W are warm-up and are excluded; over steps W+1..N,
 real tokens/s = sum of real (non-padding, attention_mask == 1) tokens / time from the end of step W to the end of
@@ -29,7 +33,7 @@ both from history.jsonl (its meter times the whole loop between two consecutive 
 Trainer: a TrainerCallback stamps on_step_end, a wrapper around the collator counts the attention mask.
 Bare: stamps after zero_grad.
 
-Configurations are interleaved (bertfit, trainer, trainer_grouped, bare, bertfit, ...) so drift in other people's
+Configurations are interleaved (bertfit, bertfit_torch_dropout, trainer, ..., bertfit, ...) so drift in other people's
 load hits all alike; before each run the script waits (up to --max-wait s) until other jobs use <= 0.5 cores.
 """
 
@@ -49,10 +53,12 @@ if __package__ in (None, ""):
 
 from bench import _common as C  # noqa: E402
 
-CONFIGS = ("bertfit", "trainer", "trainer_grouped", "bare", "bare_eval")
+CONFIGS = ("bertfit", "bertfit_torch_dropout", "trainer", "trainer_grouped", "bare", "bare_eval")
 LABEL = {"bertfit_ddp": "bertfit loop, 2 processes x 1 thread (DDP gloo, 2 x batch 8)",
-         "bertfit": "bertfit loop (`python -m train`)", "trainer": "HF Trainer, default sampler",
-         "trainer_grouped": "HF Trainer, group_by_length", "bare": "bare PyTorch loop, bertfit's batches",
+         "bertfit": "bertfit loop (`python -m train`)",
+         "bertfit_torch_dropout": "bertfit loop, `fast_cpu_dropout: false` (PyTorch's dropout sampler)",
+         "trainer": "HF Trainer, default sampler",
+         "trainer_grouped": "HF Trainer, group_by_length", "bare": "bare PyTorch loop, bertfit's batches and dropout",
          "bare_eval": "bare loop without `model.train()` (dropout OFF; the common bug, for reference)"}
 LR, BATCH, SEED, WD = 5e-5, 16, 42, 0.01
 
@@ -100,6 +106,10 @@ def worker_bare(a, dropout: bool = True) -> dict:
     windows = WindowBatches(ds, tok.pad_token_id, None)
     torch.manual_seed(SEED)
     model = _model(a.model_path, len(manifest["labels"]))
+    if dropout:  # the model bertfit trains: same dropout p, masks from train/cpu_dropout.py
+        from train.cpu_dropout import use_fast_cpu_dropout
+
+        use_fast_cpu_dropout(model)
     opt = make_optimizer(model, LR, WD)
     torch.manual_seed(SEED)
     # from_pretrained returns the model in eval mode; a loop that forgets model.train() trains without dropout,
@@ -313,8 +323,9 @@ def run_config(cfg: str, model: str, data: Path, steps: int, threads: int, scrat
     env = C.env(threads)
     if pythonpath is not None:
         env["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{C.REPO}"
-    if cfg == "bertfit":
-        (run_dir / "run.yaml").write_text(bertfit_yaml(model, data, run_dir / "out", steps, bertfit_extra))
+    if cfg in ("bertfit", "bertfit_torch_dropout"):
+        extra = {**(bertfit_extra or {}), **({"fast_cpu_dropout": False} if cfg == "bertfit_torch_dropout" else {})}
+        (run_dir / "run.yaml").write_text(bertfit_yaml(model, data, run_dir / "out", steps, extra))
         cmd = [C.PY, "-m", "train", "--config", str(run_dir / "run.yaml")]
     elif cfg == "bertfit_ddp":  # 2 processes x 1 thread, DDP over gloo, same global batch
         (run_dir / "run.yaml").write_text(bertfit_yaml(model, data, run_dir / "out", steps,
@@ -642,8 +653,8 @@ def report(a, results, cases, configs, total_s) -> str:
         "its WordPiece windows, tiny = `python -m train.tiny_model` (2 layers, hidden 32) on the BBC texts "
         "tokenized with its own vocabulary",
         f"each run: fresh process, {a.threads} threads, batch {BATCH}, fp32, lr {LR} linear decay, weight decay "
-        f"{WD}, max grad norm 1.0; {steps_txt}; {a.repeats} repeats, interleaved (bertfit, trainer, "
-        "trainer_grouped, bare, bare_eval, next case, ..., next repeat); median (min-max) over repeats",
+        f"{WD}, max grad norm 1.0; {steps_txt}; {a.repeats} repeats, interleaved (" + ", ".join(configs) + ", "
+        "next case, ..., next repeat); median (min-max) over repeats",
         "measured from per-step time stamps (bertfit: its history.jsonl per-step meter, which covers the whole "
         "loop between two log points including the logging itself); real tokens = attention_mask sum",
         f"Trainer: its defaults (optimizer `{trainer_optim}`, DataCollatorWithPadding, 0 workers, logging every "
@@ -684,6 +695,10 @@ def report(a, results, cases, configs, total_s) -> str:
                               f"{r_eval:.2f}x as fast as with it: that, not the loop, is what separates a "
                               "'fast plain loop' from Trainer on this CPU. bertfit trains with the checkpoint's "
                               "dropout, as Trainer does."]
+            if res.get("bertfit_torch_dropout"):
+                r_fast = C.med(paired(res, "bertfit", "bertfit_torch_dropout"))
+                lines += ["", f"bertfit's CPU dropout sampler (train/cpu_dropout.py: same p and scaling, 4 masks per "
+                              f"64-bit draw) against PyTorch's: {r_fast:.2f}x tokens/s (paired median)."]
     return "\n".join(lines)
 
 
