@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 
 from data_prep.chunking import chunk_windows

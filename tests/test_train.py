@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.launch import (ROOT, assert_two_ranks, eval_records, final_weights, history, kill_tree, ranks, run,
+from tests.launch import (ROOT, assert_two_ranks, eval_records, final_weights, kill_tree, ranks, run,
                           start, tail, train_command, train_env, train_records, trainer_processes, wait_for_step,
                           write_config)
 from train.checkpoint import complete_checkpoints, latest_checkpoint
