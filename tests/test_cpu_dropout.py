@@ -68,6 +68,11 @@ def test_dropout_module_values_gradient_and_eval():
     assert FastCPUDropout(0.1).train()(big).mean().item() == pytest.approx(1.0, abs=3e-3)  # unbiased
 
 
+def drop_nothing(shape, p, device):
+    """Stands in for ``drop_mask``: keep everything, scale 1."""
+    return torch.zeros(shape, dtype=torch.bool), 1.0
+
+
 def qkv(seed=0, b=3, h=4, length=9, d=8):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, length, d, generator=g) for _ in range(3)]
@@ -87,7 +92,7 @@ def test_attention_math_equals_sdpa_when_nothing_is_dropped(monkeypatch, mask_ki
     module.is_causal = False
     reference, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
     # the dropout path with a mask that drops nothing and scale 1 must be sdpa's math exactly
-    monkeypatch.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (torch.zeros(shape, dtype=torch.bool), 1.0))
+    monkeypatch.setattr(cpu_dropout, "drop_mask", drop_nothing)
     ours, _ = dropout_attention(module, q, k, v, mask, dropout=0.1, scaling=0.3)
     assert ours.shape == reference.shape == (3, 9, 4, 8)
     assert torch.allclose(ours, reference, atol=1e-5)
@@ -125,12 +130,11 @@ def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path):
     # training with masks that drop nothing is the stock eval forward, padding mask included
     fast.train()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (torch.zeros(shape, dtype=torch.bool), 1.0))
+        mp.setattr(cpu_dropout, "drop_mask", drop_nothing)
         with torch.no_grad():
             assert torch.allclose(stock(input_ids=ids, attention_mask=am).logits,
                                   fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
     # training: dropout really applies (outputs vary with the seed), and is reproducible from the seed
-    fast.train()
     outs = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)

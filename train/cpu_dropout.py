@@ -14,6 +14,8 @@ Only training on CPU changes: eval mode, GPUs, and attention that is not plain e
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -33,13 +35,11 @@ def drop_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     """A bool mask, True where an element is dropped (probability ~p, see ``drop_threshold``), and the scale
     for the kept ones."""
     t, scale = drop_threshold(p)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     # full 64-bit range: every bit uniform (random_() alone leaves the sign bit 0, biasing the top lane)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
-    lanes = words.view(torch.int16)[:n].view(shape)  # signed: unsigned value u maps to u - 32768
-    return lanes < (t - _LANES // 2), scale
+    lanes = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
+    return lanes < (t - _LANES // 2), scale  # the lowest t of the 65536 values drop
 
 
 class FastCPUDropout(nn.Dropout):
