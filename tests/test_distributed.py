@@ -51,7 +51,8 @@ BF16_LOSS_TOL = 1e-2
 GRAD_NORM_RTOL, BF16_GRAD_NORM_RTOL = 1e-5, 5e-2
 METRIC_TOL, BF16_METRIC_TOL = 1e-5, 1e-3  # export reloaded in fp32 vs metrics logged by the training processes
 LAUNCH_TIMEOUT = 300  # a launch takes 10-40 s here; the first DeepSpeed one also builds a comm op (~40 s)
-RANK_METRICS = re.compile(r"bertfit: rank (\d+) eval metrics at step (\d+): (\{.*\})")
+# metrics are a flat JSON object; [^{}]* still parses a record that another rank's output split from its newline
+RANK_METRICS = re.compile(r"bertfit: rank (\d+) eval metrics at step (\d+): (\{[^{}]*\})")
 
 
 @dataclass

@@ -285,8 +285,10 @@ def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_b
     loader = make_loader(eval_windows, batches, cfg.num_workers, pin_memory=False)
     metrics, matrix = run_evaluation(accelerator, model, loader, label_names, cfg.pooling, len(lengths))
     if os.environ.get("BERTFIT_PRINT_RANK_METRICS") == "1":  # tests: prove every rank computed the same metrics
-        print(f"bertfit: rank {accelerator.process_index} eval metrics at step {state.global_step}: "
-              f"{json.dumps(metrics, sort_keys=True)}", flush=True)
+        # one write per line: print() may write text and newline separately, and both ranks share one pipe
+        sys.stdout.write(f"bertfit: rank {accelerator.process_index} eval metrics at step {state.global_step}: "
+                         f"{json.dumps(metrics, sort_keys=True)}\n")
+        sys.stdout.flush()
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
     es = cfg.early_stopping
     value = metrics[es.metric]
