@@ -102,13 +102,58 @@ def test_attention_drops_probabilities_and_rescales(monkeypatch):
     q, k, v = qkv(1)
     module = nn.Module()
     module.is_causal = False
-    drop = torch.zeros(3, 4, 9, 9, dtype=torch.bool)
-    drop[:, :, :, 0] = True  # nobody attends to position 0
-    monkeypatch.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (drop, 2.0))
+
+    def drop_first_key(shape, p, device):  # nobody attends to position 0
+        drop = torch.zeros(shape, dtype=torch.bool)
+        drop[..., 0] = True
+        return drop, 2.0
+
+    monkeypatch.setattr(cpu_dropout, "drop_mask", drop_first_key)
     ours, _ = dropout_attention(module, q, k, v, None, dropout=0.5, scaling=None)
+    drop = drop_first_key((3, 4, 9, 9), 0.5, "cpu")[0]
     probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
     expected = (probs.masked_fill(drop, 0.0) @ v * 2.0).transpose(1, 2)
     assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_blocked_attention_gradients_match_autograd(monkeypatch):
+    """Backward recomputes the probabilities and re-applies the saved masks: its gradients must be autograd's
+    through the plain math with the same masks (float64, transformers' transposed layout, a padding mask)."""
+    b, h, length, d = 3, 4, 11, 8
+    g = torch.Generator().manual_seed(5)
+    # (batch, length, heads, head_dim) viewed as (batch, heads, length, head_dim), as transformers does
+    q, k, v = (torch.randn(b, length, h, d, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+               for _ in range(3))
+    keep = torch.ones(b, 1, length, length, dtype=torch.bool)
+    keep[1, ..., 7:] = False
+    masks = []
+
+    def recorded(shape, p, device):
+        drop, scale = drop_mask(shape, p, device)
+        masks.append(drop)
+        return drop, scale
+
+    monkeypatch.setattr(cpu_dropout, "drop_mask", recorded)
+    module = nn.Module()
+    module.is_causal = False
+    q32, k32, v32 = (t.float().detach().requires_grad_(True) for t in (q, k, v))
+    assert dropout_attention(module, q32, k32, v32, keep, dropout=0.3, scaling=0.4)[0].shape == (b, length, h, d)
+    assert len(masks) == b  # the fp32 CPU training call took the blocked path: one mask per sequence
+    masks.clear()
+    out = cpu_dropout.BlockedDropoutAttention.apply(
+        q, k, v, torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, -1e300), 0.3, 0.4)
+    assert len(masks) == b and all(m.shape == (h, length, length) for m in masks)
+    assert any(m.any() for m in masks)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    scale = drop_threshold(0.3)[1]
+    scores = (q * 0.4) @ k.transpose(-1, -2)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    expected = probs.masked_fill(torch.stack(masks), 0.0) @ v * scale
+    assert torch.allclose(out, expected, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
+        assert torch.allclose(got, want, atol=1e-10)
+    assert grads[1][1, :, 7:].abs().max() == 0 and grads[2][1, :, 7:].abs().max() == 0  # padded keys get nothing
 
 
 def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path):

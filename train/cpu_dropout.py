@@ -5,8 +5,9 @@ MKL path), two 32-bit Mersenne-Twister draws per element; on MiniLM that is ~20%
 it in attention dropout over the (batch, heads, length, length) probabilities. Here one 64-bit draw (torch's
 own CPU generator, so ``torch.manual_seed`` and checkpoint RNG state cover it) gives four 16-bit lanes, each
 compared with round(p * 65536): a keep mask with drop probability round(p * 65536) / 65536 (0.1 -> 0.1000061),
-scaled by the exact inverse of its keep probability so activations stay unbiased. Attention keeps PyTorch's
-math path (scores, softmax, mask, @ V) because SDPA's fused CPU kernel cannot do dropout either.
+scaled by the exact inverse of its keep probability so activations stay unbiased. Attention with dropout runs
+one sequence at a time (``BlockedDropoutAttention``) because SDPA's fused CPU kernel cannot do dropout, and its
+fallback materialises the whole (batch, heads, L, L) probabilities several times over.
 
 Only training on CPU changes: eval mode, GPUs, and attention that is not plain encoder self-attention
 (causal, GQA, position bias, caches) go to the stock code. ``fast_cpu_dropout: false`` turns it off.
@@ -53,34 +54,75 @@ class FastCPUDropout(nn.Dropout):
         return torch.where(drop, 0.0, x).mul_(scale)  # one pass each way; masked_fill would copy first
 
 
+class BlockedDropoutAttention(torch.autograd.Function):
+    """softmax(Q K^T * scaling + mask), ``drop_mask`` dropout, @ V, for (batch, heads, length, head_dim) inputs,
+    one sequence's (heads, length, length) block at a time.
+
+    Why blocks: the whole (batch, heads, L, L) probabilities are ~50 MB per layer for MiniLM at 16 x 256 and every
+    pass over them (softmax, mask, matmul, and their backward) runs at memory speed; one sequence's block (3 MB)
+    stays in cache. Why recompute: backward rebuilds a block's probabilities from Q and K (one more small matmul)
+    and re-applies the saved bool mask, so autograd keeps 1 byte per score between forward and backward instead of
+    the fp32 probabilities and their dropped copy (9 bytes)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, additive_mask, p: float, scaling: float):
+        out = torch.empty_like(query)
+        dropped = torch.empty(query.shape[:3] + key.shape[2:3], dtype=torch.bool)
+        for b in range(query.shape[0]):
+            probs = _block_probs(query[b] * scaling, key[b], additive_mask, b)
+            drop, scale = drop_mask(probs.shape, p, probs.device)  # per sequence, in order: seeded runs repeat
+            dropped[b] = drop
+            torch.matmul(probs.masked_fill_(drop, 0.0), value[b], out=out[b])
+        ctx.save_for_backward(query, key, value, additive_mask, dropped)
+        ctx.scaling, ctx.scale = scaling, scale
+        return out.mul_(scale)  # the 1/(1-p) scale on the (L x head_dim) output, not the (L x L) probabilities
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, additive_mask, dropped = ctx.saved_tensors
+        grads = [torch.empty_like(t) for t in (query, key, value)]
+        for b in range(query.shape[0]):
+            scaled_q = query[b] * ctx.scaling
+            probs = _block_probs(scaled_q, key[b], additive_mask, b)
+            g = grad_out[b] * ctx.scale
+            grad_probs = torch.matmul(g, value[b].transpose(-1, -2)).masked_fill_(dropped[b], 0.0)
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            torch.matmul(probs.masked_fill_(dropped[b], 0.0).transpose(-1, -2), g, out=grads[2][b])
+            torch.matmul(grad_scores, key[b], out=grads[0][b]).mul_(ctx.scaling)
+            torch.matmul(grad_scores.transpose(-1, -2), scaled_q, out=grads[1][b])
+        return *grads, None, None, None
+
+
+def _block_probs(scaled_q, key, additive_mask, b):
+    if additive_mask is None:
+        scores = torch.matmul(scaled_q, key.transpose(-1, -2))
+    else:  # the mask add rides on the matmul (beta = 1)
+        scores = torch.baddbmm(additive_mask[b if additive_mask.shape[0] > 1 else 0], scaled_q, key.transpose(-1, -2))
+    return torch.softmax(scores, dim=-1)
+
+
 def dropout_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
     """A transformers attention function (same signature and output layout as ``sdpa_attention_forward``):
-    softmax(Q K^T * scaling + mask) with ``drop_mask`` dropout, @ V. Anything it was not written for goes to sdpa."""
+    ``BlockedDropoutAttention`` for fp32 encoder self-attention training on CPU; anything else goes to sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    plain = (dropout > 0.0 and query.device.type == "cpu" and getattr(module, "num_key_value_groups", 1) == 1
+    plain = (dropout > 0.0 and query.device.type == "cpu" and query.dtype == torch.float32
+             and not torch.is_autocast_enabled("cpu") and getattr(module, "num_key_value_groups", 1) == 1
              and not (q_len > 1 and attention_mask is None and causal)
              and kwargs.get("position_bias") is None and kwargs.get("cache") is None
              and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
-             and key.shape[2] == q_len)
+             and key.shape[2] == q_len and (attention_mask is None or attention_mask.dim() == 4))
     if not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    # scale the (length x head_dim) query, not the (length x length) scores: 8x less memory traffic at 256 / 32
-    query = query * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    scores = torch.matmul(query, key.transpose(-1, -2))
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:  # True = attend
-            scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores.add_(attention_mask)
-    probs = torch.softmax(scores, dim=-1)
-    drop, scale = drop_mask(probs.shape, dropout, probs.device)
-    # the 1/(1-p) scale goes on the (length x head_dim) output, not the (length x length) probabilities
-    out = torch.matmul(torch.where(drop, 0.0, probs), value).mul_(scale)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # True = attend
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype).masked_fill_(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
