@@ -116,7 +116,8 @@ def test_attention_drops_probabilities_and_rescales(monkeypatch):
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
-def test_blocked_attention_gradients_match_autograd(monkeypatch):
+@pytest.mark.parametrize("per_block", [1, 2, 3])
+def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block):
     """Backward recomputes the probabilities and re-applies the saved masks: its gradients must be autograd's
     through the plain math with the same masks (float64, transformers' transposed layout, a padding mask)."""
     b, h, length, d = 3, 4, 11, 8
@@ -134,22 +135,24 @@ def test_blocked_attention_gradients_match_autograd(monkeypatch):
         return drop, scale
 
     monkeypatch.setattr(cpu_dropout, "drop_mask", recorded)
+    monkeypatch.setattr(cpu_dropout, "SCORES_PER_BLOCK", per_block * h * length * length)
     module = nn.Module()
     module.is_causal = False
     q32, k32, v32 = (t.float().detach().requires_grad_(True) for t in (q, k, v))
     assert dropout_attention(module, q32, k32, v32, keep, dropout=0.3, scaling=0.4)[0].shape == (b, length, h, d)
-    assert len(masks) == b  # the fp32 CPU training call took the blocked path: one mask per sequence
+    blocks = -(-b // per_block)
+    assert len(masks) == blocks  # the fp32 CPU training call took the blocked path
     masks.clear()
     out = cpu_dropout.BlockedDropoutAttention.apply(
         q, k, v, torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, -1e300), 0.3, 0.4)
-    assert len(masks) == b and all(m.shape == (h, length, length) for m in masks)
+    assert len(masks) == blocks and sum(len(m) for m in masks) == b and masks[0].shape[1:] == (h, length, length)
     assert any(m.any() for m in masks)
     weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
     scale = drop_threshold(0.3)[1]
     scores = (q * 0.4) @ k.transpose(-1, -2)
     probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-    expected = probs.masked_fill(torch.stack(masks), 0.0) @ v * scale
+    expected = probs.masked_fill(torch.cat(masks), 0.0) @ v * scale
     assert torch.allclose(out, expected, atol=1e-12)
     for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
         assert torch.allclose(got, want, atol=1e-10)

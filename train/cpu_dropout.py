@@ -6,7 +6,7 @@ it in attention dropout over the (batch, heads, length, length) probabilities. H
 own CPU generator, so ``torch.manual_seed`` and checkpoint RNG state cover it) gives four 16-bit lanes, each
 compared with round(p * 65536): a keep mask with drop probability round(p * 65536) / 65536 (0.1 -> 0.1000061),
 scaled by the exact inverse of its keep probability so activations stay unbiased. Attention with dropout runs
-one sequence at a time (``BlockedDropoutAttention``) because SDPA's fused CPU kernel cannot do dropout, and its
+a few sequences at a time (``BlockedDropoutAttention``) because SDPA's fused CPU kernel cannot do dropout, and its
 fallback materialises the whole (batch, heads, L, L) probabilities several times over.
 
 Only training on CPU changes: eval mode, GPUs, and attention that is not plain encoder self-attention
@@ -54,50 +54,55 @@ class FastCPUDropout(nn.Dropout):
         return torch.where(drop, 0.0, x).mul_(scale)  # one pass each way; masked_fill would copy first
 
 
+SCORES_PER_BLOCK = 1 << 20  # 4 MB of fp32 scores: fits in L2/L3, large enough that the Python loop costs little
+
+
 class BlockedDropoutAttention(torch.autograd.Function):
     """softmax(Q K^T * scaling + mask), ``drop_mask`` dropout, @ V, for (batch, heads, length, head_dim) inputs,
-    one sequence's (heads, length, length) block at a time.
+    a block of whole sequences (about ``SCORES_PER_BLOCK`` scores) at a time.
 
     Why blocks: the whole (batch, heads, L, L) probabilities are ~50 MB per layer for MiniLM at 16 x 256 and every
-    pass over them (softmax, mask, matmul, and their backward) runs at memory speed; one sequence's block (3 MB)
-    stays in cache. Why recompute: backward rebuilds a block's probabilities from Q and K (one more small matmul)
-    and re-applies the saved bool mask, so autograd keeps 1 byte per score between forward and backward instead of
-    the fp32 probabilities and their dropped copy (9 bytes)."""
+    pass over them (softmax, mask, matmul, and their backward) runs at memory speed; one sequence's 3 MB stays in
+    cache. Why recompute: backward rebuilds a block's probabilities from Q and K (one more matmul) and re-applies
+    the saved bool mask, so autograd keeps 1 byte per score between forward and backward instead of the fp32
+    probabilities and their dropped copy (8 bytes)."""
 
     @staticmethod
     def forward(ctx, query, key, value, additive_mask, p: float, scaling: float):
         out = torch.empty_like(query)
         dropped = torch.empty(query.shape[:3] + key.shape[2:3], dtype=torch.bool)
-        for b in range(query.shape[0]):
-            probs = _block_probs(query[b] * scaling, key[b], additive_mask, b)
-            drop, scale = drop_mask(probs.shape, p, probs.device)  # per sequence, in order: seeded runs repeat
-            dropped[b] = drop
-            torch.matmul(probs.masked_fill_(drop, 0.0), value[b], out=out[b])
+        per_block = max(1, SCORES_PER_BLOCK // dropped[0].numel())
+        for start in range(0, query.shape[0], per_block):
+            blk = slice(start, start + per_block)
+            probs = _block_probs(query[blk] * scaling, key[blk], additive_mask, blk)
+            drop, scale = drop_mask(probs.shape, p, probs.device)  # block by block, in order: seeded runs repeat
+            dropped[blk] = drop
+            torch.matmul(probs.masked_fill_(drop, 0.0), value[blk], out=out[blk])
         ctx.save_for_backward(query, key, value, additive_mask, dropped)
-        ctx.scaling, ctx.scale = scaling, scale
+        ctx.scaling, ctx.scale, ctx.per_block = scaling, scale, per_block
         return out.mul_(scale)  # the 1/(1-p) scale on the (L x head_dim) output, not the (L x L) probabilities
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, additive_mask, dropped = ctx.saved_tensors
-        grads = [torch.empty_like(t) for t in (query, key, value)]
-        for b in range(query.shape[0]):
-            scaled_q = query[b] * ctx.scaling
-            probs = _block_probs(scaled_q, key[b], additive_mask, b)
-            g = grad_out[b] * ctx.scale
-            grad_probs = torch.matmul(g, value[b].transpose(-1, -2)).masked_fill_(dropped[b], 0.0)
+        grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (query, key, value))
+        for start in range(0, query.shape[0], ctx.per_block):
+            blk = slice(start, start + ctx.per_block)
+            scaled_q = query[blk] * ctx.scaling
+            probs = _block_probs(scaled_q, key[blk], additive_mask, blk)
+            g = grad_out[blk] * ctx.scale
+            grad_probs = torch.matmul(g, value[blk].transpose(-1, -2)).masked_fill_(dropped[blk], 0.0)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            torch.matmul(probs.masked_fill_(dropped[b], 0.0).transpose(-1, -2), g, out=grads[2][b])
-            torch.matmul(grad_scores, key[b], out=grads[0][b]).mul_(ctx.scaling)
-            torch.matmul(grad_scores.transpose(-1, -2), scaled_q, out=grads[1][b])
-        return *grads, None, None, None
+            torch.matmul(probs.masked_fill_(dropped[blk], 0.0).transpose(-1, -2), g, out=grad_v[blk])
+            torch.matmul(grad_scores, key[blk], out=grad_q[blk]).mul_(ctx.scaling)
+            torch.matmul(grad_scores.transpose(-1, -2), scaled_q, out=grad_k[blk])
+        return grad_q, grad_k, grad_v, None, None, None
 
 
-def _block_probs(scaled_q, key, additive_mask, b):
-    if additive_mask is None:
-        scores = torch.matmul(scaled_q, key.transpose(-1, -2))
-    else:  # the mask add rides on the matmul (beta = 1)
-        scores = torch.baddbmm(additive_mask[b if additive_mask.shape[0] > 1 else 0], scaled_q, key.transpose(-1, -2))
+def _block_probs(scaled_q, key, additive_mask, blk):
+    scores = torch.matmul(scaled_q, key.transpose(-1, -2))
+    if additive_mask is not None:
+        scores.add_(additive_mask[blk] if additive_mask.shape[0] > 1 else additive_mask)
     return torch.softmax(scores, dim=-1)
 
 
