@@ -116,8 +116,9 @@ def test_attention_drops_probabilities_and_rescales(monkeypatch):
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
 @pytest.mark.parametrize("per_block", [1, 2, 3])
-def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block):
+def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block, mask_kind):
     """Backward recomputes the probabilities and re-applies the saved masks: its gradients must be autograd's
     through the plain math with the same masks (float64, transformers' transposed layout, a padding mask)."""
     b, h, length, d = 3, 4, 11, 8
@@ -136,6 +137,8 @@ def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block):
 
     monkeypatch.setattr(cpu_dropout, "drop_mask", recorded)
     monkeypatch.setattr(cpu_dropout, "SCORES_PER_BLOCK", per_block * h * length * length)
+    if per_block < b:  # several blocks, probabilities recomputed in backward; else one block that keeps them
+        monkeypatch.setattr(cpu_dropout, "ONE_BLOCK_SCORES", 0)
     module = nn.Module()
     module.is_causal = False
     q32, k32, v32 = (t.float().detach().requires_grad_(True) for t in (q, k, v))
@@ -143,8 +146,8 @@ def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block):
     blocks = -(-b // per_block)
     assert len(masks) == blocks  # the fp32 CPU training call took the blocked path
     masks.clear()
-    out = cpu_dropout.BlockedDropoutAttention.apply(
-        q, k, v, torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, -1e300), 0.3, 0.4)
+    mask = ~keep if mask_kind == "bool" else torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, -1e300)
+    out = cpu_dropout.BlockedDropoutAttention.apply(q, k, v, mask, 0.3, 0.4)
     assert len(masks) == blocks and sum(len(m) for m in masks) == b and masks[0].shape[1:] == (h, length, length)
     assert any(m.any() for m in masks)
     weights = torch.randn(out.shape, generator=g, dtype=torch.float64)

@@ -54,55 +54,69 @@ class FastCPUDropout(nn.Dropout):
         return torch.where(drop, 0.0, x).mul_(scale)  # one pass each way; masked_fill would copy first
 
 
-SCORES_PER_BLOCK = 1 << 20  # 4 MB of fp32 scores: fits in L2/L3, large enough that the Python loop costs little
+SCORES_PER_BLOCK = 1 << 20  # 4 MB of fp32 scores: stays in cache, large enough that the Python loop costs little
+ONE_BLOCK_SCORES = 4 << 20  # a layer with at most 16 MB of scores fits in cache whole: one block, nothing recomputed
 
 
 class BlockedDropoutAttention(torch.autograd.Function):
     """softmax(Q K^T * scaling + mask), ``drop_mask`` dropout, @ V, for (batch, heads, length, head_dim) inputs,
-    a block of whole sequences (about ``SCORES_PER_BLOCK`` scores) at a time.
+    a block of whole sequences (about ``SCORES_PER_BLOCK`` scores) at a time. ``mask``: None, a float mask to
+    add, or a bool mask with True = masked out.
 
     Why blocks: the whole (batch, heads, L, L) probabilities are ~50 MB per layer for MiniLM at 16 x 256 and every
     pass over them (softmax, mask, matmul, and their backward) runs at memory speed; one sequence's 3 MB stays in
     cache. Why recompute: backward rebuilds a block's probabilities from Q and K (one more matmul) and re-applies
     the saved bool mask, so autograd keeps 1 byte per score between forward and backward instead of the fp32
-    probabilities and their dropped copy (8 bytes)."""
+    probabilities and their dropped copy (8 bytes). A layer small enough to be one block keeps its probabilities
+    instead: there, reading them back from cache is cheaper than the extra matmul and softmax."""
 
     @staticmethod
-    def forward(ctx, query, key, value, additive_mask, p: float, scaling: float):
+    def forward(ctx, query, key, value, mask, p: float, scaling: float):
         out = torch.empty_like(query)
-        dropped = torch.empty(query.shape[:3] + key.shape[2:3], dtype=torch.bool)
-        per_block = max(1, SCORES_PER_BLOCK // dropped[0].numel())
-        for start in range(0, query.shape[0], per_block):
+        batch, layer_scores = query.shape[0], query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
+        per_block = batch if layer_scores <= ONE_BLOCK_SCORES else max(1, SCORES_PER_BLOCK * batch // layer_scores)
+        drops, kept_probs = [], None
+        for start in range(0, batch, per_block):
             blk = slice(start, start + per_block)
-            probs = _block_probs(query[blk] * scaling, key[blk], additive_mask, blk)
+            probs = _block_probs(query[blk] * scaling, key[blk], mask, blk)
             drop, scale = drop_mask(probs.shape, p, probs.device)  # block by block, in order: seeded runs repeat
-            dropped[blk] = drop
-            torch.matmul(probs.masked_fill_(drop, 0.0), value[blk], out=out[blk])
-        ctx.save_for_backward(query, key, value, additive_mask, dropped)
+            drops.append(drop)
+            if per_block >= batch:
+                kept_probs, probs = probs, torch.where(drop, 0.0, probs)
+            else:
+                probs.masked_fill_(drop, 0.0)
+            torch.matmul(probs, value[blk], out=out[blk])
+        dropped = drops[0] if len(drops) == 1 else torch.cat(drops)
+        ctx.save_for_backward(query, key, value, mask, dropped, kept_probs)
         ctx.scaling, ctx.scale, ctx.per_block = scaling, scale, per_block
         return out.mul_(scale)  # the 1/(1-p) scale on the (L x head_dim) output, not the (L x L) probabilities
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, additive_mask, dropped = ctx.saved_tensors
+        query, key, value, mask, dropped, kept_probs = ctx.saved_tensors
         grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (query, key, value))
         for start in range(0, query.shape[0], ctx.per_block):
             blk = slice(start, start + ctx.per_block)
             scaled_q = query[blk] * ctx.scaling
-            probs = _block_probs(scaled_q, key[blk], additive_mask, blk)
+            probs = kept_probs if kept_probs is not None else _block_probs(scaled_q, key[blk], mask, blk)
             g = grad_out[blk] * ctx.scale
             grad_probs = torch.matmul(g, value[blk].transpose(-1, -2)).masked_fill_(dropped[blk], 0.0)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            torch.matmul(probs.masked_fill_(dropped[blk], 0.0).transpose(-1, -2), g, out=grad_v[blk])
+            torch.matmul(torch.where(dropped[blk], 0.0, probs).transpose(-1, -2), g, out=grad_v[blk])
             torch.matmul(grad_scores, key[blk], out=grad_q[blk]).mul_(ctx.scaling)
             torch.matmul(grad_scores.transpose(-1, -2), scaled_q, out=grad_k[blk])
         return grad_q, grad_k, grad_v, None, None, None
 
 
-def _block_probs(scaled_q, key, additive_mask, blk):
+def _block_probs(scaled_q, key, mask, blk):
+    """Softmax probabilities for one block; ``mask``: None, float (added) or bool (True = masked out)."""
     scores = torch.matmul(scaled_q, key.transpose(-1, -2))
-    if additive_mask is not None:
-        scores.add_(additive_mask[blk] if additive_mask.shape[0] > 1 else additive_mask)
+    if mask is not None:
+        mask = mask[blk] if mask.shape[0] > 1 else mask
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(mask, torch.finfo(scores.dtype).min)
+        else:
+            scores.add_(mask)
     return torch.softmax(scores, dim=-1)
 
 
@@ -123,9 +137,8 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
     if not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:  # True = attend
-        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype).masked_fill_(
-            ~attention_mask, torch.finfo(query.dtype).min)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = ~attention_mask  # transformers: True = attend; the blocks: True = masked out
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
     return out.transpose(1, 2).contiguous(), None
