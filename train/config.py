@@ -93,8 +93,9 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes per training process (0 = load in the training process)."""
     fast_cpu_dropout: bool = True
-    """On CPU, draw dropout masks 4 per random number instead of PyTorch's serial per-element sampler (same p and
-    scaling; 1.19x MiniLM tokens/s on 2 cores, see docs/benchmarks.md). No effect on GPU or outside training."""
+    """On CPU, draw dropout masks 4 per random number instead of PyTorch's serial per-element sampler, and run
+    attention dropout a few sequences at a time so each block stays in cache (same p and scaling; see
+    docs/benchmarks.md). fp32 only; no effect on GPU, under bf16 autocast or outside training."""
     trust_remote_code: bool = False
     """Allow model code from the model folder to run. Off: only architectures transformers ships."""
     peak_tflops: Optional[float] = None
