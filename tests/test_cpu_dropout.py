@@ -137,8 +137,7 @@ def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block, mask
 
     monkeypatch.setattr(cpu_dropout, "drop_mask", recorded)
     monkeypatch.setattr(cpu_dropout, "SCORES_PER_BLOCK", per_block * h * length * length)
-    if per_block < b:  # several blocks, probabilities recomputed in backward; else one block that keeps them
-        monkeypatch.setattr(cpu_dropout, "ONE_BLOCK_SCORES", 0)
+    monkeypatch.setattr(cpu_dropout, "ONE_BLOCK_SCORES", 0)  # this small layer would otherwise take the math path
     module = nn.Module()
     module.is_causal = False
     q32, k32, v32 = (t.float().detach().requires_grad_(True) for t in (q, k, v))
@@ -162,8 +161,13 @@ def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block, mask
     assert grads[1][1, :, 7:].abs().max() == 0 and grads[2][1, :, 7:].abs().max() == 0  # padded keys get nothing
 
 
-def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path):
+@pytest.mark.parametrize("blocked", [False, True])
+def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, monkeypatch, blocked):
     from transformers import AutoModelForSequenceClassification
+
+    if blocked:  # the tiny model's layers are small: force the blocked path too
+        monkeypatch.setattr(cpu_dropout, "ONE_BLOCK_SCORES", 0)
+        monkeypatch.setattr(cpu_dropout, "SCORES_PER_BLOCK", 2 * 20 * 20)
 
     stock = AutoModelForSequenceClassification.from_pretrained(tiny_model)
     fast = AutoModelForSequenceClassification.from_pretrained(tiny_model)
@@ -180,11 +184,17 @@ def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path):
                               fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
     # training with masks that drop nothing is the stock eval forward, padding mask included
     fast.train()
+    shapes = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_dropout, "drop_mask", drop_nothing)
+        mp.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (shapes.append(tuple(shape)), drop_nothing(
+            shape, p, device))[1])
         with torch.no_grad():
             assert torch.allclose(stock(input_ids=ids, attention_mask=am).logits,
                                   fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
+    heads = stock.config.num_attention_heads
+    attention_masks = [x for x in shapes if x[-2:] == (20, 20)]
+    expected = (1 if blocked else 4, heads, 20, 20)  # a mask per block of one sequence, or one for the batch
+    assert attention_masks and all(x == expected for x in attention_masks)
     # training: dropout really applies (outputs vary with the seed), and is reproducible from the seed
     outs = []
     for seed in (0, 0, 1):

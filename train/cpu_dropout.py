@@ -55,7 +55,7 @@ class FastCPUDropout(nn.Dropout):
 
 
 SCORES_PER_BLOCK = 1 << 20  # 4 MB of fp32 scores: stays in cache, large enough that the Python loop costs little
-ONE_BLOCK_SCORES = 4 << 20  # a layer with at most 16 MB of scores fits in cache whole: one block, nothing recomputed
+ONE_BLOCK_SCORES = 4 << 20  # up to 16 MB of scores per layer: the plain math path (it fits in cache as it is)
 
 
 class BlockedDropoutAttention(torch.autograd.Function):
@@ -67,42 +67,35 @@ class BlockedDropoutAttention(torch.autograd.Function):
     pass over them (softmax, mask, matmul, and their backward) runs at memory speed; one sequence's 3 MB stays in
     cache. Why recompute: backward rebuilds a block's probabilities from Q and K (one more matmul) and re-applies
     the saved bool mask, so autograd keeps 1 byte per score between forward and backward instead of the fp32
-    probabilities and their dropped copy (8 bytes). A layer small enough to be one block keeps its probabilities
-    instead: there, reading them back from cache is cheaper than the extra matmul and softmax."""
+    probabilities and their dropped copy (8 bytes)."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, p: float, scaling: float):
         out = torch.empty_like(query)
-        batch, layer_scores = query.shape[0], query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
-        per_block = batch if layer_scores <= ONE_BLOCK_SCORES else max(1, SCORES_PER_BLOCK * batch // layer_scores)
-        drops, kept_probs = [], None
-        for start in range(0, batch, per_block):
+        per_block = max(1, SCORES_PER_BLOCK // (query.shape[1] * query.shape[2] * key.shape[2]))
+        drops = []
+        for start in range(0, query.shape[0], per_block):
             blk = slice(start, start + per_block)
             probs = _block_probs(query[blk] * scaling, key[blk], mask, blk)
             drop, scale = drop_mask(probs.shape, p, probs.device)  # block by block, in order: seeded runs repeat
             drops.append(drop)
-            if per_block >= batch:
-                kept_probs, probs = probs, torch.where(drop, 0.0, probs)
-            else:
-                probs.masked_fill_(drop, 0.0)
-            torch.matmul(probs, value[blk], out=out[blk])
-        dropped = drops[0] if len(drops) == 1 else torch.cat(drops)
-        ctx.save_for_backward(query, key, value, mask, dropped, kept_probs)
+            torch.matmul(probs.masked_fill_(drop, 0.0), value[blk], out=out[blk])
+        ctx.save_for_backward(query, key, value, mask, torch.cat(drops))
         ctx.scaling, ctx.scale, ctx.per_block = scaling, scale, per_block
         return out.mul_(scale)  # the 1/(1-p) scale on the (L x head_dim) output, not the (L x L) probabilities
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, mask, dropped, kept_probs = ctx.saved_tensors
+        query, key, value, mask, dropped = ctx.saved_tensors
         grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (query, key, value))
         for start in range(0, query.shape[0], ctx.per_block):
             blk = slice(start, start + ctx.per_block)
             scaled_q = query[blk] * ctx.scaling
-            probs = kept_probs if kept_probs is not None else _block_probs(scaled_q, key[blk], mask, blk)
+            probs = _block_probs(scaled_q, key[blk], mask, blk)
             g = grad_out[blk] * ctx.scale
             grad_probs = torch.matmul(g, value[blk].transpose(-1, -2)).masked_fill_(dropped[blk], 0.0)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            torch.matmul(torch.where(dropped[blk], 0.0, probs).transpose(-1, -2), g, out=grad_v[blk])
+            torch.matmul(probs.masked_fill_(dropped[blk], 0.0).transpose(-1, -2), g, out=grad_v[blk])
             torch.matmul(grad_scores, key[blk], out=grad_q[blk]).mul_(ctx.scaling)
             torch.matmul(grad_scores.transpose(-1, -2), scaled_q, out=grad_k[blk])
         return grad_q, grad_k, grad_v, None, None, None
@@ -122,8 +115,9 @@ def _block_probs(scaled_q, key, mask, blk):
 
 def dropout_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
-    """A transformers attention function (same signature and output layout as ``sdpa_attention_forward``):
-    ``BlockedDropoutAttention`` for fp32 encoder self-attention training on CPU; anything else goes to sdpa."""
+    """A transformers attention function (same signature and output layout as ``sdpa_attention_forward``) for
+    fp32 encoder self-attention training on CPU: ``BlockedDropoutAttention`` for layers of more than
+    ``ONE_BLOCK_SCORES`` scores, the plain math below that; anything else goes to sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len = query.shape[2]
@@ -138,9 +132,14 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = ~attention_mask  # transformers: True = attend; the blocks: True = masked out
+        attention_mask = ~attention_mask  # transformers: True = attend; here: True = masked out
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
+    if query.shape[0] * query.shape[1] * q_len * q_len > ONE_BLOCK_SCORES:
+        out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
+    else:  # small enough to stay in cache whole: plain math, autograd keeps the probabilities
+        probs = _block_probs(query * scaling, key, attention_mask, slice(None))
+        drop, scale = drop_mask(probs.shape, dropout, probs.device)
+        out = torch.matmul(torch.where(drop, 0.0, probs), value).mul_(scale)
     return out.transpose(1, 2).contiguous(), None
 
 
