@@ -1,24 +1,29 @@
 """Attention with dropout on CPU, one layer, forward + backward: bertfit's blocked kernel against PyTorch's path.
 
-    python -m bench.attention_dropout [--repeats 15] [--write-docs]
+    python -m bench.attention_dropout [--repeats 15] [--train-repeats 2] [--write-docs]
 
 Rows, on the same inputs in one process, interleaved per repeat (fresh random q, k, v once per shape):
   sdpa, dropout 0.1     F.scaled_dot_product_attention(dropout_p=0.1): what HF Trainer and `fast_cpu_dropout: false`
                         run on CPU (PyTorch's math path: whole (batch, heads, L, L) tensors, bernoulli_ masks)
-  bertfit, dropout 0.1  train/cpu_dropout.py's dropout_attention (BlockedDropoutAttention: one sequence at a time,
+  bertfit, dropout 0.1  train/cpu_dropout.py's dropout_attention (BlockedDropoutAttention: blocks of sequences,
                         probabilities recomputed in backward)
   sdpa, no dropout      the fused CPU kernel, dropout 0: the floor a dropout-free run gets (for reference)
 Time: median ms per forward + backward; 'vs sdpa' = median of the per-repeat ratios. Memory: MiB that autograd
 keeps for backward beyond q, k, v and the mask (unique storages seen by saved_tensors_hooks), i.e. what the
-attention adds to activation memory per layer.
+attention adds to activation memory per layer. Then the whole-process view: peak RSS of `python -m train` (MiniLM,
+BBC 256-token windows, batch 16, 4 steps, fresh process each) with `fast_cpu_dropout` true and false.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,7 @@ from train.cpu_dropout import dropout_attention
 SHAPES = {  # name: (batch, heads, length, head_dim, padded keys in sequence 1)
     "MiniLM, batch 16 x 256": (16, 12, 256, 32, 56),
     "BERT-base, batch 8 x 512": (8, 12, 512, 64, 112),
-    "MiniLM, batch 16 x 64 (short reviews: 16 sequences per block)": (16, 12, 64, 32, 14),
+    "MiniLM, batch 16 x 64 (short reviews: under 4M scores, plain math path)": (16, 12, 64, 32, 14),
 }
 ROWS = ("sdpa, dropout 0.1", "bertfit, dropout 0.1", "sdpa, no dropout")
 
@@ -76,10 +81,30 @@ def time_once(row: str, q, k, v, keep) -> float:
     return elapsed * 1000
 
 
+def train_peak_rss_mib(fast_cpu_dropout: bool, threads: int) -> float:
+    """Peak RSS of one fresh `python -m train` process (its own ru_maxrss, read through wait4)."""
+    from bench.train_speed import bertfit_yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "run.yaml"
+        cfg.write_text(bertfit_yaml("minilm", C.shards("bbc", "minilm"), Path(tmp) / "out", 4,
+                                    {"fast_cpu_dropout": fast_cpu_dropout}))
+        log = Path(tmp) / "train.log"
+        with open(log, "w") as err:  # a file, not a pipe: nobody reads a pipe while wait4 waits
+            proc = subprocess.Popen([sys.executable, "-m", "train", "--config", str(cfg)], cwd=C.REPO,
+                                    env=C.env(threads), stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench.attention_dropout: train run failed: {log.read_text()[-2000:]}")
+        return usage.ru_maxrss / 1024
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per row (after 2 untimed)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-repeats", type=int, default=2, help="fresh training processes per setting (0: skip)")
     p.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -97,11 +122,17 @@ def main(argv=None) -> int:
             ratio = statistics.median(s / t for s, t in zip(ms[ROWS[0]], ms[r]))
             rows.append([shape, r, C.mmm(ms[r], "{:.1f}"), f"{ratio:.2f}x", f"{saved_mib(r, q, k, v, keep):.0f}"])
             C.log(" | ".join(rows[-1]))
-    body = C.header_block(f"python -m bench.attention_dropout --repeats {a.repeats}" + (" --write-docs" * a.write_docs),
+    rss = {flag: [train_peak_rss_mib(flag, a.threads) for _ in range(a.train_repeats)] for flag in (True, False)}
+    body = C.header_block(f"python -m bench.attention_dropout --repeats {a.repeats} --train-repeats {a.train_repeats}"
+                          + (" --write-docs" * a.write_docs),
                           [f"{a.threads} threads, fp32, one attention layer (q, k, v in transformers' layout, a "
                            "bool padding mask), forward + backward of out.sum(); repeats interleaved across rows"])
     body += "\n\n" + C.table(["shape", "attention", "ms per forward + backward, median (min-max)",
                               "speed vs sdpa with dropout (paired)", "MiB kept for backward"], rows)
+    if a.train_repeats:
+        body += ("\n\nPeak RSS of `python -m train` (MiniLM, BBC 256-token windows, batch 16, 4 steps, fp32, fresh "
+                 f"process each, {a.train_repeats} runs per setting, median (min-max)): `fast_cpu_dropout: true` "
+                 f"{C.mmm(rss[True])} MiB, `false` (PyTorch's attention path) {C.mmm(rss[False])} MiB.")
     print(body)
     if a.write_docs:
         C.write_section("attention_dropout", "Attention with dropout on CPU: blocked kernel vs PyTorch", body)
