@@ -161,6 +161,23 @@ def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block, mask
     assert grads[1][1, :, 7:].abs().max() == 0 and grads[2][1, :, 7:].abs().max() == 0  # padded keys get nothing
 
 
+def test_bf16_autocast_keeps_our_masks_on_the_math_path(monkeypatch):
+    """Under CPU bf16 autocast a large layer cannot take the fp32 blocks, but it must still draw its masks with
+    ``drop_mask`` (the same random stream as fp32 runs), not fall back to PyTorch's dropout."""
+    q, k, v = qkv(2)
+    shapes = []
+    monkeypatch.setattr(cpu_dropout, "ONE_BLOCK_SCORES", 0)  # "large"
+    monkeypatch.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (shapes.append(tuple(shape)), drop_nothing(
+        shape, p, device))[1])
+    module = nn.Module()
+    module.is_causal = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, _ = dropout_attention(module, q, k, v, None, dropout=0.1, scaling=0.3)
+    assert shapes == [(3, 4, 9, 9)] and ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
+    reference = torch.softmax(q @ k.transpose(-1, -2) * 0.3, dim=-1) @ v
+    assert torch.allclose(ours.float(), reference.transpose(1, 2), atol=0.05)
+
+
 @pytest.mark.parametrize("blocked", [False, True])
 def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, monkeypatch, blocked):
     from transformers import AutoModelForSequenceClassification

@@ -95,7 +95,7 @@ class TrainConfig:
     fast_cpu_dropout: bool = True
     """On CPU, draw dropout masks 4 per random number instead of PyTorch's serial per-element sampler, and run
     attention dropout a few sequences at a time so each block stays in cache (same p and scaling; see
-    docs/benchmarks.md). fp32 only; no effect on GPU, under bf16 autocast or outside training."""
+    docs/benchmarks.md; the blocks need fp32, bf16 autocast gets the unblocked math). No effect on GPU or in eval."""
     trust_remote_code: bool = False
     """Allow model code from the model folder to run. Off: only architectures transformers ships."""
     peak_tflops: Optional[float] = None

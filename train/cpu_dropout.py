@@ -116,14 +116,13 @@ def _block_probs(scaled_q, key, mask, blk):
 def dropout_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
     """A transformers attention function (same signature and output layout as ``sdpa_attention_forward``) for
-    fp32 encoder self-attention training on CPU: ``BlockedDropoutAttention`` for layers of more than
-    ``ONE_BLOCK_SCORES`` scores, the plain math below that; anything else goes to sdpa."""
+    encoder self-attention training on CPU: ``BlockedDropoutAttention`` for fp32 layers of more than
+    ``ONE_BLOCK_SCORES`` scores, the plain math otherwise (autocast-aware); anything else goes to sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    plain = (dropout > 0.0 and query.device.type == "cpu" and query.dtype == torch.float32
-             and not torch.is_autocast_enabled("cpu") and getattr(module, "num_key_value_groups", 1) == 1
+    plain = (dropout > 0.0 and query.device.type == "cpu" and getattr(module, "num_key_value_groups", 1) == 1
              and not (q_len > 1 and attention_mask is None and causal)
              and kwargs.get("position_bias") is None and kwargs.get("cache") is None
              and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
@@ -134,9 +133,10 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = ~attention_mask  # transformers: True = attend; here: True = masked out
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.shape[0] * query.shape[1] * q_len * q_len > ONE_BLOCK_SCORES:
+    if (query.shape[0] * query.shape[1] * q_len * q_len > ONE_BLOCK_SCORES and query.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")):
         out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
-    else:  # small enough to stay in cache whole: plain math, autograd keeps the probabilities
+    else:  # small enough to stay in cache whole, or bf16 autocast: plain math, autograd keeps the probabilities
         probs = _block_probs(query * scaling, key, attention_mask, slice(None))
         drop, scale = drop_mask(probs.shape, dropout, probs.device)
         out = torch.matmul(torch.where(drop, 0.0, probs), value).mul_(scale)
