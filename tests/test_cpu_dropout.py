@@ -73,6 +73,15 @@ def drop_nothing(shape, p, device):
     return torch.zeros(shape, dtype=torch.bool), 1.0
 
 
+def recording(draw, masks: list):
+    """Stands in for ``drop_mask``: calls ``draw`` and appends each mask it returns to ``masks``."""
+    def recorded(shape, p, device):
+        drop, scale = draw(shape, p, device)
+        masks.append(drop)
+        return drop, scale
+    return recorded
+
+
 def qkv(seed=0, b=3, h=4, length=9, d=8):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, length, d, generator=g) for _ in range(3)]
@@ -129,13 +138,7 @@ def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block, mask
     keep = torch.ones(b, 1, length, length, dtype=torch.bool)
     keep[1, ..., 7:] = False
     masks = []
-
-    def recorded(shape, p, device):
-        drop, scale = drop_mask(shape, p, device)
-        masks.append(drop)
-        return drop, scale
-
-    monkeypatch.setattr(cpu_dropout, "drop_mask", recorded)
+    monkeypatch.setattr(cpu_dropout, "drop_mask", recording(drop_mask, masks))
     monkeypatch.setattr(cpu_dropout, "SCORES_PER_BLOCK", per_block * h * length * length)
     monkeypatch.setattr(cpu_dropout, "ONE_BLOCK_SCORES", 0)  # this small layer would otherwise take the math path
     module = nn.Module()
@@ -165,15 +168,14 @@ def test_bf16_autocast_keeps_our_masks_on_the_math_path(monkeypatch):
     """Under CPU bf16 autocast a large layer cannot take the fp32 blocks, but it must still draw its masks with
     ``drop_mask`` (the same random stream as fp32 runs), not fall back to PyTorch's dropout."""
     q, k, v = qkv(2)
-    shapes = []
+    masks = []
     monkeypatch.setattr(cpu_dropout, "ONE_BLOCK_SCORES", 0)  # "large"
-    monkeypatch.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (shapes.append(tuple(shape)), drop_nothing(
-        shape, p, device))[1])
+    monkeypatch.setattr(cpu_dropout, "drop_mask", recording(drop_nothing, masks))
     module = nn.Module()
     module.is_causal = False
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, _ = dropout_attention(module, q, k, v, None, dropout=0.1, scaling=0.3)
-    assert shapes == [(3, 4, 9, 9)] and ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
+    assert [m.shape for m in masks] == [(3, 4, 9, 9)] and ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
     reference = torch.softmax(q @ k.transpose(-1, -2) * 0.3, dim=-1) @ v
     assert torch.allclose(ours.float(), reference.transpose(1, 2), atol=0.05)
 
@@ -201,15 +203,14 @@ def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, mo
                               fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
     # training with masks that drop nothing is the stock eval forward, padding mask included
     fast.train()
-    shapes = []
+    masks = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_dropout, "drop_mask", lambda shape, p, device: (shapes.append(tuple(shape)), drop_nothing(
-            shape, p, device))[1])
+        mp.setattr(cpu_dropout, "drop_mask", recording(drop_nothing, masks))
         with torch.no_grad():
             assert torch.allclose(stock(input_ids=ids, attention_mask=am).logits,
                                   fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
     heads = stock.config.num_attention_heads
-    attention_masks = [x for x in shapes if x[-2:] == (20, 20)]
+    attention_masks = [tuple(m.shape) for m in masks if m.shape[-2:] == (20, 20)]
     expected = (1 if blocked else 4, heads, 20, 20)  # a mask per block of one sequence, or one for the batch
     assert attention_masks and all(x == expected for x in attention_masks)
     # training: dropout really applies (outputs vary with the seed), and is reproducible from the seed
