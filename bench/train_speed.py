@@ -642,9 +642,10 @@ def paired(results_case: dict, num: str, den: str) -> list[float]:
 
 def report(a, results, cases, configs, total_s) -> str:
     cmd = ("python -m bench.train_speed " + f"--cases {','.join(cases)} --steps {a.steps} --tiny-steps {a.tiny_steps} "
-           f"--rt-steps {a.rt_steps} --repeats {a.repeats}")
+           f"--rt-steps {a.rt_steps} --repeats {a.repeats}"
+           + (f" --configs {','.join(configs)}" if tuple(configs) != CONFIGS else ""))
     runs = [r for case in cases for c in configs for r in results[case][c]]
-    trainer_optim = next((r.get("optim") for r in runs if r.get("optim")), "?")
+    trainer_optim = next((r.get("optim") for r in runs if r.get("optim")), None)
     steps_txt = "; ".join(f"{case}: {case_params(a, case)[2]} steps, first {case_params(a, case)[3]} excluded"
                           for case in cases)
     lines = [C.header_block(cmd, [
@@ -657,9 +658,10 @@ def report(a, results, cases, configs, total_s) -> str:
         "next case, ..., next repeat); median (min-max) over repeats",
         "measured from per-step time stamps (bertfit: its history.jsonl per-step meter, which covers the whole "
         "loop between two log points including the logging itself); real tokens = attention_mask sum",
-        f"Trainer: its defaults (optimizer `{trainer_optim}`, DataCollatorWithPadding, 0 workers, logging every "
-        "500 steps); bertfit and the bare loop: train/optim.py's make_optimizer (torch AdamW, fused=True: the same "
-        "kernel as Trainer's default)",
+        (f"Trainer: its defaults (optimizer `{trainer_optim}`, DataCollatorWithPadding, 0 workers, logging every "
+         "500 steps); bertfit and the bare loop: train/optim.py's make_optimizer (torch AdamW, fused=True: the same "
+         "kernel as Trainer's default)") if trainer_optim else
+        "bertfit and the bare loop: train/optim.py's make_optimizer (torch AdamW, fused=True)",
         "ratios: 'paired' = median (min-max) of the per-repeat ratios (runs of one repeat are minutes apart, so slow "
         "drift of this shared VM's speed cancels better than in a ratio of medians)",
         "the samplers cut different batches: bertfit and the bare loop run identical batches (same plan), Trainer's "
