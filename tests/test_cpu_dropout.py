@@ -164,6 +164,27 @@ def test_blocked_attention_gradients_match_autograd(monkeypatch, per_block, mask
     assert grads[1][1, :, 7:].abs().max() == 0 and grads[2][1, :, 7:].abs().max() == 0  # padded keys get nothing
 
 
+def test_plain_attention_path_gradients_match_autograd(monkeypatch):
+    """Small layers keep the plain math path (uint8 keep mask through ``MaskScale``): output and q/k/v gradients
+    must be autograd's through ``where`` with the same masks."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 7, 3, 5, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+               for _ in range(3))
+    masks = []
+    monkeypatch.setattr(cpu_dropout, "drop_mask", recording(drop_mask, masks))
+    module = nn.Module()
+    module.is_causal = False
+    out, _ = dropout_attention(module, q, k, v, None, dropout=0.4, scaling=0.5)
+    assert len(masks) == 1 and masks[0].any() and not masks[0].all()
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    probs = torch.softmax((q * 0.5) @ k.transpose(-1, -2), dim=-1)
+    expected = (torch.where(masks[0], 0.0, probs) @ v * drop_threshold(0.4)[1]).transpose(1, 2)
+    assert torch.allclose(out, expected, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
 def test_bf16_autocast_keeps_our_masks_on_the_math_path(monkeypatch):
     """Under CPU bf16 autocast a large layer cannot take the fp32 blocks, but it must still draw its masks with
     ``drop_mask`` (the same random stream as fp32 runs), not fall back to PyTorch's dropout."""

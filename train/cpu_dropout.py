@@ -43,6 +43,27 @@ def drop_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     return lanes < (t - _LANES // 2), scale  # the lowest t of the 65536 values drop
 
 
+def keep_of(drop: torch.Tensor) -> torch.Tensor:
+    """The uint8 keep mask (1 = kept) of a bool drop mask. Why uint8: ``x.mul_(keep)`` is a vectorized kernel,
+    while ``masked_fill_``, ``where`` and ``mul`` with a bool mask are not (about 10x slower on CPU)."""
+    return drop.view(torch.uint8) ^ 1
+
+
+class MaskScale(torch.autograd.Function):
+    """x * keep * scale, with keep a uint8 mask; autograd keeps that 1-byte mask (as ``where`` kept a bool)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale: float):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(scale).mul_(keep)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(ctx.scale).mul_(keep), None, None
+
+
 class FastCPUDropout(nn.Dropout):
     """``nn.Dropout`` with masks from ``drop_mask`` when training on CPU; stock dropout otherwise.
     A subclass, so code that reads ``.p`` or checks ``isinstance(m, nn.Dropout)`` still works."""
@@ -51,7 +72,7 @@ class FastCPUDropout(nn.Dropout):
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         drop, scale = drop_mask(x.shape, self.p, x.device)
-        return torch.where(drop, 0.0, x).mul_(scale)  # one pass each way; masked_fill would copy first
+        return MaskScale.apply(x, keep_of(drop), scale)
 
 
 SCORES_PER_BLOCK = 1 << 20  # 4 MB of fp32 scores: stays in cache, large enough that the Python loop costs little
@@ -66,36 +87,36 @@ class BlockedDropoutAttention(torch.autograd.Function):
     Why blocks: the whole (batch, heads, L, L) probabilities are ~50 MB per layer for MiniLM at 16 x 256 and every
     pass over them (softmax, mask, matmul, and their backward) runs at memory speed; one sequence's 3 MB stays in
     cache. Why recompute: backward rebuilds a block's probabilities from Q and K (one more matmul) and re-applies
-    the saved bool mask, so autograd keeps 1 byte per score between forward and backward instead of the fp32
+    the saved uint8 keep mask, so autograd keeps 1 byte per score between forward and backward instead of the fp32
     probabilities and their dropped copy (8 bytes)."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, p: float, scaling: float):
         out = torch.empty_like(query)
         per_block = max(1, SCORES_PER_BLOCK // (query.shape[1] * query.shape[2] * key.shape[2]))
-        drops = []
+        keeps = []
         for start in range(0, query.shape[0], per_block):
             blk = slice(start, start + per_block)
             probs = _block_probs(query[blk] * scaling, key[blk], mask, blk)
             drop, scale = drop_mask(probs.shape, p, probs.device)  # block by block, in order: seeded runs repeat
-            drops.append(drop)
-            torch.matmul(probs.masked_fill_(drop, 0.0), value[blk], out=out[blk])
-        ctx.save_for_backward(query, key, value, mask, torch.cat(drops))
+            keeps.append(keep_of(drop))
+            torch.matmul(probs.mul_(keeps[-1]), value[blk], out=out[blk])
+        ctx.save_for_backward(query, key, value, mask, torch.cat(keeps))
         ctx.scaling, ctx.scale, ctx.per_block = scaling, scale, per_block
         return out.mul_(scale)  # the 1/(1-p) scale on the (L x head_dim) output, not the (L x L) probabilities
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, mask, dropped = ctx.saved_tensors
+        query, key, value, mask, kept = ctx.saved_tensors
         grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (query, key, value))
         for start in range(0, query.shape[0], ctx.per_block):
             blk = slice(start, start + ctx.per_block)
             scaled_q = query[blk] * ctx.scaling
             probs = _block_probs(scaled_q, key[blk], mask, blk)
             g = grad_out[blk] * ctx.scale
-            grad_probs = torch.matmul(g, value[blk].transpose(-1, -2)).masked_fill_(dropped[blk], 0.0)
+            grad_probs = torch.matmul(g, value[blk].transpose(-1, -2)).mul_(kept[blk])
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            torch.matmul(probs.masked_fill_(dropped[blk], 0.0).transpose(-1, -2), g, out=grad_v[blk])
+            torch.matmul(probs.mul_(kept[blk]).transpose(-1, -2), g, out=grad_v[blk])
             torch.matmul(grad_scores, key[blk], out=grad_q[blk]).mul_(ctx.scaling)
             torch.matmul(grad_scores.transpose(-1, -2), scaled_q, out=grad_k[blk])
         return grad_q, grad_k, grad_v, None, None, None
@@ -139,7 +160,7 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
     else:  # small enough to stay in cache whole, or bf16 autocast: plain math, autograd keeps the probabilities
         probs = _block_probs(query * scaling, key, attention_mask, slice(None))
         drop, scale = drop_mask(probs.shape, dropout, probs.device)
-        out = torch.matmul(torch.where(drop, 0.0, probs), value).mul_(scale)
+        out = torch.matmul(MaskScale.apply(probs, keep_of(drop), scale), value)
     return out.transpose(1, 2).contiguous(), None
 
 
