@@ -20,10 +20,13 @@ Tomatoes reviews):
                   DataCollatorWithPadding, over a ``datasets.Dataset`` of the same windows (input_ids, label)
   trainer_grouped the same with ``train_sampling_strategy="group_by_length"`` (transformers 5.x name; 4.x
                   called it ``group_by_length=True``)
+  trainer_grouped_malloc  (not run by default) trainer_grouped after bertfit's ``keep_freed_memory()`` (glibc
+                  malloc keeps freed memory): how much of bertfit's lead that process setting is
   bare            a plain PyTorch loop over exactly the micro-batches bertfit makes (``epoch_batches`` +
                   ``WindowBatches``, same seed, so the same batches as bertfit): forward, backward,
                   clip_grad_norm_, AdamW step, zero_grad; no Accelerate, no logging, no host syncs; the model
-                  gets bertfit's CPU dropout (``use_fast_cpu_dropout``) so only the loop differs
+                  gets bertfit's CPU dropout (``use_fast_cpu_dropout``) and malloc setting
+                  (``keep_freed_memory``) so only the loop differs
   bare_eval       the bare loop without ``model.train()``: dropout off (a common bug; for reference)
 
 Throughput is measured the same way for all: steps 1..W are warm-up and are excluded; over steps W+1..N,
@@ -58,7 +61,9 @@ LABEL = {"bertfit_ddp": "bertfit loop, 2 processes x 1 thread (DDP gloo, 2 x bat
          "bertfit": "bertfit loop (`python -m train`)",
          "bertfit_torch_dropout": "bertfit loop, `fast_cpu_dropout: false` (PyTorch's dropout sampler)",
          "trainer": "HF Trainer, default sampler",
-         "trainer_grouped": "HF Trainer, group_by_length", "bare": "bare PyTorch loop, bertfit's batches and dropout",
+         "trainer_grouped": "HF Trainer, group_by_length",
+         "trainer_grouped_malloc": "HF Trainer, group_by_length, + bertfit's glibc malloc setting (not default)",
+         "bare": "bare PyTorch loop, bertfit's batches and dropout",
          "bare_eval": "bare loop without `model.train()` (dropout OFF; the common bug, for reference)"}
 LR, BATCH, SEED, WD = 5e-5, 16, 42, 0.01
 
@@ -115,6 +120,9 @@ def worker_bare(a, dropout: bool = True) -> dict:
     # from_pretrained returns the model in eval mode; a loop that forgets model.train() trains without dropout,
     # which on CPU is about twice as fast (no mask sampling, and SDPA can use its fused kernel): bare_eval shows it.
     model.train(dropout)
+    from train.malloc import keep_freed_memory
+
+    keep_freed_memory()  # the process setting bertfit's loop makes on CPU (keep_freed_memory: true)
     stamps, real, padded = [_t.perf_counter()], [], []
     for step, idx in enumerate(plan.micro_batches[:a.steps], start=1):
         set_lr(opt, lr_at_step(step, a.steps, 0, LR))
@@ -279,7 +287,7 @@ def worker_loopstats(argv) -> int:
 
 def worker_main(argv) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=("bare", "bare_eval", "trainer", "trainer_grouped"))
+    p.add_argument("--worker", choices=("bare", "bare_eval", "trainer", "trainer_grouped", "trainer_grouped_malloc"))
     p.add_argument("--data")
     p.add_argument("--model-path")
     p.add_argument("--steps", type=int)
@@ -290,7 +298,11 @@ def worker_main(argv) -> int:
     if a.worker in ("bare", "bare_eval"):
         res = worker_bare(a, dropout=a.worker == "bare")
     else:
-        res = worker_trainer(a, grouped=a.worker == "trainer_grouped")
+        if a.worker == "trainer_grouped_malloc":  # what bertfit's keep_freed_memory is worth to Trainer
+            from train.malloc import keep_freed_memory
+
+            keep_freed_memory()
+        res = worker_trainer(a, grouped=a.worker.startswith("trainer_grouped"))
     Path(a.result).write_text(json.dumps(res))
     return 0
 
@@ -553,7 +565,7 @@ def parse_args(argv=None):
     p.add_argument("--rt-steps", type=int, default=50, help="optimizer steps per MiniLM/RT run. Default: 50")
     p.add_argument("--rt-warmup", type=int, default=10, help="MiniLM/RT steps excluded. Default: 10")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (interleaved). Default: 3")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}, bertfit_ddp")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}, bertfit_ddp, trainer_grouped_malloc")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="8 / 60 / 40 steps, 1 repeat, no docs update")
     p.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine per run")

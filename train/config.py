@@ -96,6 +96,10 @@ class TrainConfig:
     """On CPU, draw dropout masks 4 per random number instead of PyTorch's serial per-element sampler, and run
     attention dropout a few sequences at a time so each block stays in cache (same p and scaling; see
     docs/benchmarks.md; the blocks need fp32, bf16 autocast gets the unblocked math). No effect on GPU or in eval."""
+    keep_freed_memory: bool = True
+    """On CPU, tell glibc's malloc to keep freed memory for reuse (allocations up to 32 MB from the heap, no heap
+    trimming) instead of handing activation buffers back to the kernel and faulting them in again every step
+    (see train/malloc.py). No effect on GPU or with another C library."""
     trust_remote_code: bool = False
     """Allow model code from the model folder to run. Off: only architectures transformers ships."""
     peak_tflops: Optional[float] = None
