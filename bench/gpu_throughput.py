@@ -13,6 +13,8 @@ Layouts (each a fresh ``accelerate launch ... -m train`` with mixed_precision bf
   zero3        accelerate_configs/zero3.yaml --num_processes <GPUs>       (+ the export is checked full-sized)
   bare         a plain loop in one process: the same model, AdamW, torch.autocast(bf16), clipping, batches of
                full 512-token windows; no accelerate, no logging; timed with CUDA syncs around the timed steps.
+A DeepSpeed layout can carry zero_optimization overrides, written into a copy of its JSON:
+  zero2:reduce_bucket_size=5e7   (several as zero3:reduce_bucket_size=5e7:stage3_prefetch_bucket_size=5e7)
 With one GPU, multi_gpu runs as world size 1, where accelerate does not wrap the model in DDP (nothing to
 all-reduce); ZeRO-2/3 at world size 1 still run through DeepSpeed's engine and its partitioned optimizer.
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import statistics
@@ -151,21 +152,55 @@ class GpuMemoryPoller:
         self._thread.join()
 
 
+def layout_variant(layout: str, scratch: Path) -> tuple[str, Path | None]:
+    """'zero2:reduce_bucket_size=5e7' -> ('zero2', an accelerate YAML pointing at a copy of ds_zero2.json with that
+    zero_optimization setting); a plain layout -> (layout, None)."""
+    base, *settings = layout.split(":")
+    if base not in LAYOUT_CONFIGS:
+        raise SystemExit(f"bench.gpu_throughput: unknown layout {base!r} (one of {', '.join(LAYOUT_CONFIGS)}, bare)")
+    if not settings:
+        return base, None
+    yaml_src = (C.REPO / "accelerate_configs" / LAYOUT_CONFIGS[base]).read_text()
+    m = re.search(r"deepspeed_config_file:\s*(\S+)", yaml_src)
+    if not m:
+        raise SystemExit(f"bench.gpu_throughput: {layout}: settings need a DeepSpeed layout")
+    ds = json.loads((C.REPO / m.group(1)).read_text())
+    for item in settings:
+        key, _, value = item.partition("=")
+        try:
+            number = float(value)
+            ds["zero_optimization"][key] = int(number) if number.is_integer() else number
+        except ValueError:
+            ds["zero_optimization"][key] = {"true": True, "false": False}.get(value, value)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", layout)
+    (scratch / f"ds_{name}.json").write_text(json.dumps(ds, indent=1))
+    out = scratch / f"{name}.yaml"
+    out.write_text(yaml_src.replace(m.group(1), str(scratch / f"ds_{name}.json")))
+    return base, out
+
+
 def run_bertfit(layout: str, model: Path, shards: Path, steps: int, batch: int, peak: float | None,
-                scratch: Path) -> dict:
+                scratch: Path, overrides: dict | None = None, accelerate_config: Path | None = None,
+                profile_to: Path | None = None) -> dict:
+    """One ``accelerate launch -m train`` run; overrides: extra run-config fields; profile_to: cProfile the
+    training process into this file."""
     import torch
 
-    run_dir = Path(tempfile.mkdtemp(prefix=f"{layout}_", dir=scratch))
+    base, variant_config = layout_variant(layout, scratch)
+    accelerate_config = accelerate_config or variant_config
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{base}_", dir=scratch))
     cfg = {"model": str(model), "data": str(shards), "output_dir": str(run_dir / "out"), "max_steps": steps,
            "per_device_batch_size": batch, "mixed_precision": "bf16", "eval_split": None, "report_to": "none",
            "save_every_steps": 0, "log_every_steps": 10, "resume": "none", "warmup_steps": 0,
-           "learning_rate": 5e-5, "peak_tflops": peak}
+           "learning_rate": 5e-5, "peak_tflops": peak, **(overrides or {})}
     (run_dir / "run.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()) + "\n")
     gpus = torch.cuda.device_count()
     cmd = [C.PY, "-m", "accelerate.commands.launch", "--config_file",
-           str(C.REPO / "accelerate_configs" / LAYOUT_CONFIGS[layout])]
-    if layout != "single_gpu":
+           str(accelerate_config or C.REPO / "accelerate_configs" / LAYOUT_CONFIGS[base])]
+    if base != "single_gpu":
         cmd += ["--num_processes", str(gpus)]
+    if profile_to:
+        cmd += ["-m", "cProfile", "-o", str(profile_to)]
     cmd += ["-m", "train", "--config", str(run_dir / "run.yaml")]
     t0 = time.perf_counter()
     with GpuMemoryPoller() as mem:
@@ -184,7 +219,7 @@ def run_bertfit(layout: str, model: Path, shards: Path, steps: int, batch: int, 
            "loss_first": recs[0]["train/loss"], "loss_last": recs[-1]["train/loss"],
            "gpu_mem_peak_mib": mem.peak, "timed_logs": len(recs)}
     res["step_ms"] = 1000 * batch * (res["world_size"] or 1) / res["samples_per_s"]  # samples/s is summed over ranks
-    if layout == "zero3":
+    if base == "zero3":
         res["export"] = check_export(run_dir / "out" / "best", model)
     subprocess.run(["rm", "-rf", str(run_dir)], check=False)
     return res
@@ -275,14 +310,14 @@ def report(data: dict) -> str:
         by.setdefault(r["layout"], []).append(r)
     bare = statistics.median(r["tokens_per_s"] for r in by["bare"]) if "bare" in by else None
     rows = []
-    for layout in data["layouts"]:
+    for layout in dict.fromkeys(data["layouts"]):
         rs = by.get(layout, [])
         if not rs:
             continue
         tps = [r["tokens_per_s"] for r in rs]
         mfus = [r["mfu"] for r in rs if r.get("mfu") is not None]
         extra = ""
-        if layout == "zero3" and rs[-1].get("export"):
+        if layout.startswith("zero3") and rs[-1].get("export"):
             e = rs[-1]["export"]
             extra = (f"export: {e['tensors']} tensors, {e['params'] / 1e6:.1f}M params, {e['wrong_shape']} wrong "
                      f"shape, {e['empty']} empty")
@@ -323,7 +358,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", help="tokenizer folder (BERT uncased WordPiece; e.g. MiniLM's)")
     p.add_argument("--layouts", default="single_gpu,multi_gpu,zero2,zero3,bare",
-                   help="comma-separated: single_gpu, multi_gpu, zero2, zero3, bare")
+                   help="comma-separated: single_gpu, multi_gpu, zero2, zero3, bare; a DeepSpeed layout may add "
+                        "zero_optimization settings: zero2:reduce_bucket_size=5e7")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=32, help="windows per device per step")
     p.add_argument("--repeats", type=int, default=2, help="runs per layout (interleaved)")
@@ -335,6 +371,10 @@ def parse_args(argv=None):
     p.add_argument("--report", metavar="RESULTS_JSON", help="print (and with --write-docs, write) the table of a "
                    "results file; runs nothing")
     p.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    p.add_argument("--section", default="gpu_throughput",
+                   help="docs/benchmarks.md section to write (a second results file gets its own)")
+    p.add_argument("--title", default="GPU throughput and MFU: BERT-base, seq 512, bf16 (bench/gpu_throughput.py)",
+                   help="heading of that section")
     p.add_argument("--worker-bare", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -359,6 +399,9 @@ def main(argv=None) -> int:
         layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
         scratch = Path(a.scratch or tempfile.mkdtemp(prefix="gpu_bench_"))
         scratch.mkdir(parents=True, exist_ok=True)
+        for layout in layouts:  # bad layout names fail here, before minutes of setup
+            if layout != "bare":
+                layout_variant(layout, scratch)
         gpus = torch.cuda.device_count()
         model, shards = prepare(scratch, a.tokenizer, int(a.steps * a.batch * gpus * 1.1))
         data = {"facts": facts, "peak_tflops": peak, "layouts": layouts, "steps": a.steps, "batch": a.batch,
@@ -376,8 +419,7 @@ def main(argv=None) -> int:
     text = report(data)
     print(text)
     if a.write_docs:
-        C.write_section("gpu_throughput", "GPU throughput and MFU: BERT-base, seq 512, bf16 (bench/gpu_throughput.py)",
-                        text)
+        C.write_section(a.section, a.title, text)
     return 0
 
 
