@@ -11,7 +11,8 @@ Layouts (each a fresh ``accelerate launch ... -m train`` with mixed_precision bf
   multi_gpu    accelerate_configs/multi_gpu.yaml --num_processes <GPUs>   (DDP over NCCL)
   zero2        accelerate_configs/zero2.yaml --num_processes <GPUs>       (DeepSpeed ZeRO-2, bf16 weights)
   zero3        accelerate_configs/zero3.yaml --num_processes <GPUs>       (+ the export is checked full-sized)
-  bare         a plain loop in one process: the same model, AdamW, torch.autocast(bf16), clipping, batches of
+  bare         a plain loop in one process: the same model, torch AdamW (its default foreach kernels; bertfit
+               uses the fused one), torch.autocast(bf16), clipping, batches of
                full 512-token windows; no accelerate, no logging; timed with CUDA syncs around the timed steps.
 A DeepSpeed layout can carry zero_optimization overrides, written into a copy of its JSON:
   zero2:reduce_bucket_size=5e7   (several as zero3:reduce_bucket_size=5e7:stage3_prefetch_bucket_size=5e7)
@@ -31,6 +32,7 @@ import argparse
 import json
 import random
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -321,25 +323,25 @@ def report(data: dict) -> str:
             e = rs[-1]["export"]
             extra = (f"export: {e['tensors']} tensors, {e['params'] / 1e6:.1f}M params, {e['wrong_shape']} wrong "
                      f"shape, {e['empty']} empty")
-        rows.append([layout, f"{rs[0]['world_size']}", C.mmm(tps), f"{statistics.median(r['samples_per_s'] for r in rs):,.0f}",
+        rows.append([layout, f"{rs[0]['world_size']}", f"{len(rs)}", C.mmm(tps), f"{statistics.median(r['samples_per_s'] for r in rs):,.0f}",
                      f"{statistics.median(r['step_ms'] for r in rs):.1f}",
                      f"{100 * statistics.median(mfus):.1f}%" if mfus else "-",
                      f"{statistics.median(tps) / bare:.2f}" if bare else "-",
                      f"{max(r['gpu_mem_peak_mib'] for r in rs) / 1024:.1f}",
                      f"{100 * statistics.median(r['padding_fraction'] for r in rs):.1f}%", extra])
     lines = [
-        f"Command (on the device machine): `{data['command']}`; report: `python -m bench.gpu_throughput --report "
-        f"RESULTS.json --write-docs`.",
+        f"Command (on the GPU machine): `{data['command']}`; this table: "
+        f"`{data.get('report_command', 'python -m bench.gpu_throughput --report RESULTS.json --write-docs')}`.",
         f"GPU: {f['gpu']} x{f['gpu_count']} ({f['gpu_mem_gib']} GiB), driver {f.get('driver', '?')}; host: "
         f"{f['host']}. torch {f['torch']} (CUDA {f['cuda']}), transformers {f['transformers']}, accelerate "
         f"{f['accelerate']}, deepspeed {f['deepspeed']}, datasets {f['datasets']}. Date: {data['date']}; code: "
         f"{data['rev']}.",
         f"Model: BertConfig() defaults (12 layers, hidden 768, 12 heads, FFN 3072; random weights), 4 labels; "
         f"{SEQ}-token windows, per-device batch {data['batch']}, bf16, AdamW, clipping 1.0; {data['steps']} steps "
-        f"per run, the first {WARMUP_LOGS * 10} left out; {data['repeats']} repeat(s), layouts interleaved. "
+        f"per run, the first {WARMUP_LOGS * 10} left out; up to {data['repeats']} repeat(s), layouts interleaved. "
         f"Peak for MFU: {data['peak_tflops']} TFLOP/s bf16 dense.",
         "",
-        C.table(["layout", "world", "real tokens/s, median (min-max)", "samples/s", "step ms", "MFU", "vs bare",
+        C.table(["layout", "world", "runs", "real tokens/s, median (min-max)", "samples/s", "step ms", "MFU", "vs bare",
                  "GPU mem peak GiB", "padding", "notes"], rows),
         "",
         "tokens/s and MFU of the bertfit rows come from the trainer's own log (history.jsonl: `train/tokens_per_s`, "
@@ -385,6 +387,8 @@ def main(argv=None) -> int:
         return worker_bare(a.worker_bare, a.steps, a.batch, a.results)
     if a.report:
         data = json.loads(Path(a.report).read_text())
+        data["report_command"] = "python -m bench.gpu_throughput " + " ".join(
+            shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     else:
         import torch
 
