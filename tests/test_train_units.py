@@ -186,3 +186,16 @@ def test_mfu_matches_a_hand_calculation():
     assert training_flops_per_token(12, 768, 3072, 512) == 566_231_040
     # 100k tokens/s on 2 devices of 100 TFLOP/s peak: 100e3 * 566,231,040 / 200e12 = 0.28311552
     assert mfu(100_000, 566_231_040, 100.0, 2) == pytest.approx(0.28311552)
+
+
+@pytest.mark.parametrize("plugin, processes, hinted", [(object(), 1, True), (object(), 2, False), (None, 1, False)])
+def test_single_process_zero_hint_only_for_one_deepspeed_process(plugin, processes, hinted):
+    from types import SimpleNamespace
+
+    from train.distributed import single_process_zero_hint
+
+    fake = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=processes)
+    hint = single_process_zero_hint(fake)
+    assert (hint is not None) == hinted
+    if hinted:
+        assert "1 process" in hint and "single_gpu.yaml" in hint and "\n" not in hint

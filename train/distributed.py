@@ -54,6 +54,15 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
 
+def single_process_zero_hint(accelerator) -> str | None:
+    """A one-line hint when DeepSpeed runs as one process: ZeRO then shards nothing and saves no memory, and its
+    engine costs time (a zero2.yaml copied to a one-GPU box is a common way to get here)."""
+    if is_deepspeed(accelerator) and accelerator.num_processes == 1:
+        return ("bertfit: DeepSpeed ZeRO with 1 process shards nothing and saves no memory; on one GPU "
+                "single_gpu.yaml trained BERT-base 2-6x faster (docs/benchmarks.md, GPU section)")
+    return None
+
+
 def honour_zero3_init_flag(accelerator) -> None:
     """With ``zero3_init_flag: false``, let ``from_pretrained`` load whole weights, as under DDP.
 

@@ -30,7 +30,7 @@ from train.config import EXIT_CONFIG_ERROR, EXIT_OK, EXIT_REQUEUE, ConfigError, 
 from train.cpu_dropout import use_fast_cpu_dropout
 from train.malloc import keep_freed_memory
 from train.data import WindowBatches, epoch_batches, eval_batches, load_split, make_loader, model_inputs, steps_per_epoch
-from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator
+from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint
 from train.evaluation import confusion_matrix_image, run_evaluation
 from train.export import export_model
 from train.optim import lr_at_step, make_optimizer, set_lr, warmup_steps_for
@@ -46,6 +46,8 @@ def train(cfg: TrainConfig) -> int:
     print(f"bertfit: rank {rank} of world size {world} on {os.uname().nodename} "
           f"(device {accelerator.device}, {accelerator.distributed_type.value}, "
           f"mixed precision {accelerator.mixed_precision})", flush=True)
+    if main and (hint := single_process_zero_hint(accelerator)):
+        print(hint, flush=True)
 
     try:
         manifest = read_manifest(cfg.data)
