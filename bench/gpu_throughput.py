@@ -3,7 +3,7 @@
 accelerate configs, next to a bare PyTorch loop on the same model and batch shape. Needs a CUDA GPU (not run in
 CI; the numbers in docs/benchmarks.md come from the device machine lent to a session).
 
-    python -m bench.gpu_throughput --tokenizer TOKENIZER_DIR --results OUT.json   # on the GPU machine
+    python -m bench.gpu_throughput --results OUT.json   # on the GPU machine (tokenizer: MiniLM's or --tokenizer)
     python -m bench.gpu_throughput --report OUT.json --write-docs                 # anywhere: table -> docs
 
 Layouts (each a fresh ``accelerate launch ... -m train`` with mixed_precision bf16, eval off, log every 10 steps):
@@ -12,8 +12,8 @@ Layouts (each a fresh ``accelerate launch ... -m train`` with mixed_precision bf
   zero2        accelerate_configs/zero2.yaml --num_processes <GPUs>       (DeepSpeed ZeRO-2, bf16 weights)
   zero3        accelerate_configs/zero3.yaml --num_processes <GPUs>       (+ the export is checked full-sized)
   bare         a plain loop in one process: the same model, torch AdamW (its default foreach kernels; bertfit
-               uses the fused one), torch.autocast(bf16), clipping, batches of
-               full 512-token windows; no accelerate, no logging; timed with CUDA syncs around the timed steps.
+               uses the fused one), torch.autocast(bf16), clipping, random batches of full 512-token windows;
+               no accelerate, no logging; timed with CUDA syncs around the timed steps.
   bare_batches the same plain loop over the batches bertfit's first epoch makes from the shards (its batch plan,
                collation padded to a multiple of 8, pinned host memory, the fused AdamW of train/optim.py):
                the difference to single_gpu is the loop alone (accelerate, logging, checkpoint bookkeeping).
