@@ -59,7 +59,7 @@ def single_process_zero_hint(accelerator) -> str | None:
     engine costs time (a zero2.yaml copied to a one-GPU box is a common way to get here)."""
     if is_deepspeed(accelerator) and accelerator.num_processes == 1:
         return ("bertfit: DeepSpeed ZeRO with 1 process shards nothing and saves no memory; on one GPU "
-                "single_gpu.yaml trained BERT-base 2-6x faster (docs/benchmarks.md, GPU section)")
+                "single_gpu.yaml trained BERT-base 2-7x faster (docs/benchmarks.md, GPU section)")
     return None
 
 
