@@ -159,6 +159,11 @@ class GpuMemoryPoller:
         self._thread.join()
 
 
+def file_name(layout: str) -> str:
+    """'zero2:reduce_bucket_size=5e7' -> 'zero2_reduce_bucket_size_5e7'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layout)
+
+
 def layout_variant(layout: str, scratch: Path) -> tuple[str, Path | None]:
     """'zero2:reduce_bucket_size=5e7' -> ('zero2', an accelerate YAML pointing at a copy of ds_zero2.json with that
     zero_optimization setting); a plain layout -> (layout, None)."""
@@ -179,7 +184,7 @@ def layout_variant(layout: str, scratch: Path) -> tuple[str, Path | None]:
             ds["zero_optimization"][key] = int(number) if number.is_integer() else number
         except ValueError:
             ds["zero_optimization"][key] = {"true": True, "false": False}.get(value, value)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", layout)
+    name = file_name(layout)
     (scratch / f"ds_{name}.json").write_text(json.dumps(ds, indent=1))
     out = scratch / f"{name}.yaml"
     out.write_text(yaml_src.replace(m.group(1), str(scratch / f"ds_{name}.json")))
@@ -187,23 +192,20 @@ def layout_variant(layout: str, scratch: Path) -> tuple[str, Path | None]:
 
 
 def run_bertfit(layout: str, model: Path, shards: Path, steps: int, batch: int, peak: float | None,
-                scratch: Path, overrides: dict | None = None, accelerate_config: Path | None = None,
-                profile_to: Path | None = None) -> dict:
-    """One ``accelerate launch -m train`` run; overrides: extra run-config fields; profile_to: cProfile the
-    training process into this file."""
+                scratch: Path, profile_to: Path | None = None) -> dict:
+    """One ``accelerate launch -m train`` run; profile_to: cProfile the training process into this file."""
     import torch
 
     base, variant_config = layout_variant(layout, scratch)
-    accelerate_config = accelerate_config or variant_config
     run_dir = Path(tempfile.mkdtemp(prefix=f"{base}_", dir=scratch))
     cfg = {"model": str(model), "data": str(shards), "output_dir": str(run_dir / "out"), "max_steps": steps,
            "per_device_batch_size": batch, "mixed_precision": "bf16", "eval_split": None, "report_to": "none",
            "save_every_steps": 0, "log_every_steps": 10, "resume": "none", "warmup_steps": 0,
-           "learning_rate": 5e-5, "peak_tflops": peak, **(overrides or {})}
+           "learning_rate": 5e-5, "peak_tflops": peak}
     (run_dir / "run.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()) + "\n")
     gpus = torch.cuda.device_count()
     cmd = [C.PY, "-m", "accelerate.commands.launch", "--config_file",
-           str(accelerate_config or C.REPO / "accelerate_configs" / LAYOUT_CONFIGS[base])]
+           str(variant_config or C.REPO / "accelerate_configs" / LAYOUT_CONFIGS[base])]
     if base != "single_gpu":
         cmd += ["--num_processes", str(gpus)]
     if profile_to:
@@ -410,6 +412,8 @@ def parse_args(argv=None):
                    help="peak bf16 TFLOP/s of one GPU for MFU; default: from the GPU's name (H100/H200: 989)")
     p.add_argument("--scratch", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--results", help="write the results JSON here (after every run)")
+    p.add_argument("--profile-dir", help="cProfile each bertfit run's training process into DIR/LAYOUT-N.prof "
+                   "(host time: where the loop waits, what DeepSpeed calls per step; slows the run)")
     p.add_argument("--rev", default=None, help="code revision to record (default: git rev-parse)")
     p.add_argument("--report", metavar="RESULTS_JSON", help="print (and with --write-docs, write) the table of a "
                    "results file; runs nothing")
@@ -449,6 +453,8 @@ def main(argv=None) -> int:
         layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
         scratch = Path(a.scratch or tempfile.mkdtemp(prefix="gpu_bench_"))
         scratch.mkdir(parents=True, exist_ok=True)
+        if a.profile_dir:
+            Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
         for layout in layouts:  # bad layout names fail here, before minutes of setup
             if layout not in ("bare", "bare_batches"):
                 layout_variant(layout, scratch)
@@ -463,7 +469,8 @@ def main(argv=None) -> int:
                 if layout in ("bare", "bare_batches"):
                     res = run_bare(model, a.steps, a.batch, peak, scratch, shards if layout == "bare_batches" else None)
                 else:
-                    res = run_bertfit(layout, model, shards, a.steps, a.batch, peak, scratch)
+                    prof = Path(a.profile_dir) / f"{file_name(layout)}-{rep + 1}.prof" if a.profile_dir else None
+                    res = run_bertfit(layout, model, shards, a.steps, a.batch, peak, scratch, prof)
                 log(json.dumps(res))
                 data["runs"].append(res)
                 if a.results:
