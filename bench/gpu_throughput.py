@@ -32,10 +32,13 @@ peak bf16 TFLOP/s of the GPU (989 for H100/H200 SXM dense, or --peak-tflops).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import itertools
 import json
 import random
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,10 +78,8 @@ def gpu_facts() -> dict:
         pass
     for pkg in ("transformers", "accelerate", "deepspeed", "datasets"):
         try:
-            import importlib.metadata
-
             facts[pkg] = importlib.metadata.version(pkg)
-        except Exception:  # noqa: BLE001 - a missing package is recorded as missing
+        except importlib.metadata.PackageNotFoundError:
             facts[pkg] = "missing"
     facts["host"] = C.machine()
     return facts
@@ -169,7 +170,7 @@ def layout_variant(layout: str, scratch: Path) -> tuple[str, Path | None]:
     zero_optimization setting); a plain layout -> (layout, None)."""
     base, *settings = layout.split(":")
     if base not in LAYOUT_CONFIGS:
-        raise SystemExit(f"bench.gpu_throughput: unknown layout {base!r} (one of {', '.join(LAYOUT_CONFIGS)}, bare)")
+        raise SystemExit(f"bench.gpu_throughput: unknown layout {base!r} (one of {', '.join(LAYOUT_CONFIGS)}, bare, bare_batches)")
     if not settings:
         return base, None
     yaml_src = (C.REPO / "accelerate_configs" / LAYOUT_CONFIGS[base]).read_text()
@@ -230,7 +231,7 @@ def run_bertfit(layout: str, model: Path, shards: Path, steps: int, batch: int, 
     res["step_ms"] = 1000 * batch * (res["world_size"] or 1) / res["samples_per_s"]  # samples/s is summed over ranks
     if base == "zero3":
         res["export"] = check_export(run_dir / "out" / "best", model)
-    subprocess.run(["rm", "-rf", str(run_dir)], check=False)
+    shutil.rmtree(run_dir, ignore_errors=True)
     return res
 
 
@@ -275,7 +276,7 @@ def worker_bare(model_dir: str, steps: int, batch: int, result: str, shards: str
                   "attention_mask": torch.ones(batch, SEQ, dtype=torch.long, device=dev),
                   "labels": torch.randint(0, model.config.num_labels, (batch,), device=dev),
                   "real_tokens": batch * SEQ, "padded_tokens": batch * SEQ} for _ in range(8)]
-        batches = (fixed[i % 8] for i in range(10**9))
+        batches = itertools.cycle(fixed)
     else:
         from data_prep.prepare import read_manifest
         from train.data import WindowBatches, epoch_batches, load_split, model_inputs
