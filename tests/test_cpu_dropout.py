@@ -201,20 +201,21 @@ def test_bf16_autocast_keeps_our_masks_on_the_math_path(monkeypatch):
     assert torch.allclose(ours.float(), reference.transpose(1, 2), atol=0.05)
 
 
-@pytest.mark.parametrize("blocked", [False, True])
-def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, monkeypatch, blocked):
+@pytest.mark.parametrize("path", ["plain", "blocked", "fused"])
+def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, monkeypatch, path):
     from transformers import AutoModelForSequenceClassification
 
-    if blocked:  # the tiny model's layers are small: force the blocked path too
+    if path == "blocked":  # the tiny model's layers are small: force the blocked path too
         monkeypatch.setattr(cpu_dropout, "ONE_BLOCK_SCORES", 0)
         monkeypatch.setattr(cpu_dropout, "SCORES_PER_BLOCK", 2 * 20 * 20)
 
     stock = AutoModelForSequenceClassification.from_pretrained(tiny_model)
     fast = AutoModelForSequenceClassification.from_pretrained(tiny_model)
     n_dropout = sum(type(m) is nn.Dropout for m in fast.modules())
-    assert use_fast_cpu_dropout(fast) == n_dropout > 0
+    assert use_fast_cpu_dropout(fast, fused_attention=path == "fused") == n_dropout > 0
     assert not any(type(m) is nn.Dropout for m in fast.modules())
     assert fast.config._attn_implementation == ATTENTION_NAME
+    assert all(getattr(m, cpu_dropout.FUSED_FLAG) == (path == "fused") for m in fast.modules())
     ids = torch.randint(5, 60, (4, 20))
     am = torch.ones_like(ids)
     am[1, 12:] = 0
@@ -227,13 +228,17 @@ def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, mo
     masks = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_dropout, "drop_mask", recording(drop_nothing, masks))
+        mp.setattr(cpu_dropout, "drop_threshold", lambda p: (0, 1.0))  # the C++ kernel's masks: keep all
         with torch.no_grad():
             assert torch.allclose(stock(input_ids=ids, attention_mask=am).logits,
                                   fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
     heads = stock.config.num_attention_heads
     attention_masks = [tuple(m.shape) for m in masks if m.shape[-2:] == (20, 20)]
-    expected = (1 if blocked else 4, heads, 20, 20)  # a mask per block of one sequence, or one for the batch
-    assert attention_masks and all(x == expected for x in attention_masks)
+    if path == "fused":  # the kernel draws attention masks itself; only the other dropouts come from drop_mask
+        assert masks and not attention_masks
+    else:
+        expected = (1 if path == "blocked" else 4, heads, 20, 20)  # a mask per block of one sequence, or per batch
+        assert attention_masks and all(x == expected for x in attention_masks)
     # training: dropout really applies (outputs vary with the seed), and is reproducible from the seed
     outs = []
     for seed in (0, 0, 1):
@@ -243,3 +248,90 @@ def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, mo
     fast.save_pretrained(tmp_path / "saved")
     assert ATTENTION_NAME not in (tmp_path / "saved" / "config.json").read_text()
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"]
+
+
+def fused_kernel():
+    kernel = cpu_dropout.fused_attention_kernel()
+    assert kernel is not None, "train/csrc/dropout_attention.cpp did not build (needs g++ and ninja on x86-64)"
+    return kernel
+
+
+def next_seed(seed: int) -> int:
+    """The 64-bit draw ``FusedDropoutAttention`` makes right after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return int(torch.empty((), dtype=torch.int64).random_(-2**63, None))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_kernel_masks_rate_lanes_and_row_offsets(p):
+    kernel = fused_kernel()
+    t = drop_threshold(p)[0]
+    n = 1 << 22
+    drop = kernel.keep_mask(1, 1, 1, n, 12345, t).view(-1) == 0
+    p_eff = t / 65536
+    assert within_binomial(int(drop.sum()), n, p_eff)
+    for lane in range(4):
+        assert within_binomial(int(drop[lane::4].sum()), n // 4, p_eff), lane
+    assert within_binomial(int((drop[:-1] & drop[1:]).sum()), n - 1, p_eff * p_eff)
+    # rows of odd length start mid-word: a (2, 3, 7, 13) mask is the same stream as one flat row
+    flat = kernel.keep_mask(1, 1, 1, 2 * 3 * 7 * 13, 99, t).view(2, 3, 7, 13)
+    assert torch.equal(kernel.keep_mask(2, 3, 7, 13, 99, t), flat)
+    assert not torch.equal(kernel.keep_mask(2, 3, 7, 13, 100, t), flat)
+    assert kernel.keep_mask(2, 3, 7, 13, 99, 0).all()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "float"])
+@pytest.mark.parametrize("rows_per_block", [3, 64])
+def test_fused_attention_gradients_match_autograd(monkeypatch, mask_kind, rows_per_block):
+    """The C++ kernel against autograd through the plain float64 math with the kernel's own masks: output and
+    q/k/v gradients, transformers' transposed layout, a padding mask, query rows in several blocks or one."""
+    kernel = fused_kernel()
+    monkeypatch.setattr(cpu_dropout, "fused_rows_per_block", lambda k_len: rows_per_block)
+    b, h, length, d, p, scaling = 3, 4, 11, 8, 0.3, 0.4
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, length, h, d, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+               for _ in range(3))
+    keep_key = torch.ones(b, 1, length, length, dtype=torch.bool)
+    keep_key[1, ..., 7:] = False
+    mask = None if mask_kind == "none" else \
+        torch.zeros(keep_key.shape).masked_fill(~keep_key, torch.finfo(torch.float32).min)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    seed = next_seed(7)
+    torch.manual_seed(7)
+    out = cpu_dropout.FusedDropoutAttention.apply(q32, k32, v32, mask, p, scaling)
+    assert out.shape == (b, length, h, d) and out.is_contiguous()
+    kept = kernel.keep_mask(b, h, length, length, seed, drop_threshold(p)[0]).bool()
+    assert kept.any() and not kept.all()
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * weights).sum(), (q32, k32, v32))
+    scores = (q * scaling) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~keep_key, float("-inf"))
+    expected = ((torch.softmax(scores, dim=-1) * kept) @ v * drop_threshold(p)[1]).transpose(1, 2)
+    assert torch.allclose(out.double(), expected, atol=2e-6)
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (q, k, v))):
+        assert torch.allclose(got.double(), want, atol=2e-5), (got.double() - want).abs().max()
+    if mask is not None:  # padded keys get no gradient
+        assert grads[1][1, :, 7:].abs().max() == 0 and grads[2][1, :, 7:].abs().max() == 0
+
+
+def test_dropout_attention_takes_the_fused_kernel_when_the_model_asks(monkeypatch):
+    fused_kernel()
+    q, k, v = qkv(3)
+    keep = torch.ones(3, 1, 9, 9, dtype=torch.bool)
+    keep[2, ..., 5:] = False  # transformers' bool mask, True = attend
+    module = nn.Module()
+    module.is_causal = False
+    setattr(module, cpu_dropout.FUSED_FLAG, True)
+    torch.manual_seed(4)
+    ours, _ = dropout_attention(module, q, k, v, keep, dropout=0.2, scaling=0.3)
+    torch.manual_seed(4)
+    additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    assert torch.equal(ours, cpu_dropout.FusedDropoutAttention.apply(q, k, v, additive, 0.2, 0.3))
+    torch.manual_seed(5)
+    assert not torch.equal(ours, dropout_attention(module, q, k, v, keep, dropout=0.2, scaling=0.3)[0])
+    setattr(module, cpu_dropout.FUSED_FLAG, False)  # the model was set up without it: the Python paths
+    masks = []
+    monkeypatch.setattr(cpu_dropout, "drop_mask", recording(drop_mask, masks))
+    dropout_attention(module, q, k, v, keep, dropout=0.2, scaling=0.3)
+    assert len(masks) == 1
