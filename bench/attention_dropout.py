@@ -1,17 +1,21 @@
-"""Attention with dropout on CPU, one layer, forward + backward: bertfit's blocked kernel against PyTorch's path.
+"""Attention with dropout on CPU, one layer, forward + backward: bertfit's kernels against PyTorch's path.
 
     python -m bench.attention_dropout [--repeats 15] [--train-repeats 2] [--write-docs]
 
 Rows, on the same inputs in one process, interleaved per repeat (fresh random q, k, v once per shape):
   sdpa, dropout 0.1     F.scaled_dot_product_attention(dropout_p=0.1): what HF Trainer and `fast_cpu_dropout: false`
                         run on CPU (PyTorch's math path: whole (batch, heads, L, L) tensors, bernoulli_ masks)
-  bertfit, dropout 0.1  train/cpu_dropout.py's dropout_attention (BlockedDropoutAttention: blocks of sequences,
-                        probabilities recomputed in backward)
+  bertfit C++, dropout 0.1  train/cpu_dropout.py's dropout_attention on a model set up with cpu_kernels
+                        (FusedDropoutAttention: train/csrc/cpu_dropout.cpp, one (sequence, head) per thread,
+                        probabilities and drop masks recomputed in backward)
+  bertfit Python, dropout 0.1  the same with cpu_kernels false (BlockedDropoutAttention: blocks of
+                        sequences in Python, probabilities recomputed in backward; small layers: plain math)
   sdpa, no dropout      the fused CPU kernel, dropout 0: the floor a dropout-free run gets (for reference)
 Time: median ms per forward + backward; 'vs sdpa' = median of the per-repeat ratios. Memory: MiB that autograd
 keeps for backward beyond q, k, v and the mask (unique storages seen by saved_tensors_hooks), i.e. what the
 attention adds to activation memory per layer. Then the whole-process view: peak RSS of `python -m train` (MiniLM,
-BBC 256-token windows, batch 16, 4 steps, fresh process each) with `fast_cpu_dropout` true and false.
+BBC 256-token windows, batch 16, 4 steps, fresh process each): the defaults, `cpu_kernels: false`, and
+`fast_cpu_dropout: false`.
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import _common as C
-from train.cpu_dropout import dropout_attention
+from train.cpu_dropout import KERNELS_FLAG, cpu_kernels, dropout_attention
 
 SHAPES = {  # name: (batch, heads, length, head_dim, padded keys in sequence 1)
     "MiniLM, batch 16 x 256": (16, 12, 256, 32, 56),
     "BERT-base, batch 8 x 512": (8, 12, 512, 64, 112),
-    "MiniLM, batch 16 x 64 (short reviews: under 4M scores, plain math path)": (16, 12, 64, 32, 14),
+    "MiniLM, batch 16 x 64 (short reviews: under 4M scores, Python: plain math path)": (16, 12, 64, 32, 14),
 }
-ROWS = ("sdpa, dropout 0.1", "bertfit, dropout 0.1", "sdpa, no dropout")
+ROWS = ("sdpa, dropout 0.1", "bertfit C++, dropout 0.1", "bertfit Python, dropout 0.1", "sdpa, no dropout")
+TRAIN_SETTINGS = {"defaults": {}, "`cpu_kernels: false`": {"cpu_kernels": False},
+                  "`fast_cpu_dropout: false` (PyTorch's attention path)": {"fast_cpu_dropout": False}}
 
 
 def inputs(b, h, length, d, padded):
@@ -50,9 +56,10 @@ def inputs(b, h, length, d, padded):
 
 
 def attention(row: str, q, k, v, keep):
-    if row == "bertfit, dropout 0.1":
+    if row.startswith("bertfit"):
         module = nn.Module()
         module.is_causal = False
+        setattr(module, KERNELS_FLAG, "C++" in row)
         return dropout_attention(module, q, k, v, keep, dropout=0.1, scaling=q.shape[-1] ** -0.5)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.1 if "0.1" in row else 0.0)
 
@@ -81,14 +88,13 @@ def time_once(row: str, q, k, v, keep) -> float:
     return elapsed * 1000
 
 
-def train_peak_rss_mib(fast_cpu_dropout: bool, threads: int) -> float:
+def train_peak_rss_mib(settings: dict, threads: int) -> float:
     """Peak RSS of one fresh `python -m train` process (its own ru_maxrss, read through wait4)."""
     from bench.train_speed import bertfit_yaml
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "run.yaml"
-        cfg.write_text(bertfit_yaml("minilm", C.shards("bbc", "minilm"), Path(tmp) / "out", 4,
-                                    {"fast_cpu_dropout": fast_cpu_dropout}))
+        cfg.write_text(bertfit_yaml("minilm", C.shards("bbc", "minilm"), Path(tmp) / "out", 4, settings))
         log = Path(tmp) / "train.log"
         with open(log, "w") as err:  # a file, not a pipe: nobody reads a pipe while wait4 waits
             proc = subprocess.Popen([sys.executable, "-m", "train", "--config", str(cfg)], cwd=C.REPO,
@@ -108,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if cpu_kernels() is None:
+        raise SystemExit("bench.attention_dropout: the C++ kernel did not build (see the line above)")
     torch.manual_seed(0)
     rows = []
     for shape, dims in SHAPES.items():
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
             ratio = statistics.median(s / t for s, t in zip(ms[ROWS[0]], ms[r]))
             rows.append([shape, r, C.mmm(ms[r], "{:.1f}"), f"{ratio:.2f}x", f"{saved_mib(r, q, k, v, keep):.0f}"])
             C.log(" | ".join(rows[-1]))
-    rss = {flag: [train_peak_rss_mib(flag, a.threads) for _ in range(a.train_repeats)] for flag in (True, False)}
+    rss = {name: [train_peak_rss_mib(settings, a.threads) for _ in range(a.train_repeats)]
+           for name, settings in TRAIN_SETTINGS.items()}
     body = C.header_block(f"python -m bench.attention_dropout --repeats {a.repeats} --train-repeats {a.train_repeats}"
                           + (" --write-docs" * a.write_docs),
                           [f"{a.threads} threads, fp32, one attention layer (q, k, v in transformers' layout, a "
@@ -131,11 +140,11 @@ def main(argv=None) -> int:
                               "speed vs sdpa with dropout (paired)", "MiB kept for backward"], rows)
     if a.train_repeats:
         body += ("\n\nPeak RSS of `python -m train` (MiniLM, BBC 256-token windows, batch 16, 4 steps, fp32, fresh "
-                 f"process each, {a.train_repeats} runs per setting, median (min-max)): `fast_cpu_dropout: true` "
-                 f"{C.mmm(rss[True])} MiB, `false` (PyTorch's attention path) {C.mmm(rss[False])} MiB.")
+                 f"process each, {a.train_repeats} runs per setting, median (min-max)): "
+                 + ", ".join(f"{name} {C.mmm(v)} MiB" for name, v in rss.items()) + ".")
     print(body)
     if a.write_docs:
-        C.write_section("attention_dropout", "Attention with dropout on CPU: blocked kernel vs PyTorch", body)
+        C.write_section("attention_dropout", "Attention with dropout on CPU: bertfit's kernels vs PyTorch", body)
     return 0
 
 

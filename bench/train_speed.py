@@ -14,8 +14,8 @@ Tomatoes reviews):
 
   bertfit         ``python -m train --config run.yaml`` (one process, no accelerate launch), report_to none,
                   eval_split null, log every step; numbers come from its logs/history.jsonl (see below)
-  bertfit_python_attention  the same with ``fused_cpu_attention: false``: attention with dropout in Python
-                  blocks (train/cpu_dropout.py's BlockedDropoutAttention) instead of the C++ kernel
+  bertfit_no_kernels  the same with ``cpu_kernels: false``: dropout and attention with dropout in Python/PyTorch
+                  ops (train/cpu_dropout.py's drop_mask and BlockedDropoutAttention) instead of the C++ kernels
   bertfit_torch_dropout  the same with ``fast_cpu_dropout: false``: PyTorch's own CPU dropout sampler (what
                   bertfit ran before train/cpu_dropout.py, and what Trainer runs)
   trainer         transformers.Trainer with default settings: default sampler (random) and
@@ -58,11 +58,11 @@ if __package__ in (None, ""):
 
 from bench import _common as C  # noqa: E402
 
-CONFIGS = ("bertfit", "bertfit_python_attention", "bertfit_torch_dropout", "trainer", "trainer_grouped", "bare",
+CONFIGS = ("bertfit", "bertfit_no_kernels", "bertfit_torch_dropout", "trainer", "trainer_grouped", "bare",
            "bare_eval")
 LABEL = {"bertfit_ddp": "bertfit loop, 2 processes x 1 thread (DDP gloo, 2 x batch 8)",
          "bertfit": "bertfit loop (`python -m train`)",
-         "bertfit_python_attention": "bertfit loop, `fused_cpu_attention: false` (attention dropout in Python blocks)",
+         "bertfit_no_kernels": "bertfit loop, `cpu_kernels: false` (dropout and attention dropout in Python)",
          "bertfit_torch_dropout": "bertfit loop, `fast_cpu_dropout: false` (PyTorch's dropout sampler)",
          "trainer": "HF Trainer, default sampler",
          "trainer_grouped": "HF Trainer, group_by_length",
@@ -339,9 +339,9 @@ def run_config(cfg: str, model: str, data: Path, steps: int, threads: int, scrat
     env = C.env(threads)
     if pythonpath is not None:
         env["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{C.REPO}"
-    if cfg in ("bertfit", "bertfit_python_attention", "bertfit_torch_dropout"):
+    if cfg in ("bertfit", "bertfit_no_kernels", "bertfit_torch_dropout"):
         switch = {"bertfit_torch_dropout": {"fast_cpu_dropout": False},
-                  "bertfit_python_attention": {"fused_cpu_attention": False}}.get(cfg, {})
+                  "bertfit_no_kernels": {"cpu_kernels": False}}.get(cfg, {})
         extra = {**(bertfit_extra or {}), **switch}
         (run_dir / "run.yaml").write_text(bertfit_yaml(model, data, run_dir / "out", steps, extra))
         cmd = [C.PY, "-m", "train", "--config", str(run_dir / "run.yaml")]
@@ -715,10 +715,11 @@ def report(a, results, cases, configs, total_s) -> str:
                               f"{r_eval:.2f}x as fast as with it: that, not the loop, is what separates a "
                               "'fast plain loop' from Trainer on this CPU. bertfit trains with the checkpoint's "
                               "dropout, as Trainer does."]
-            if res.get("bertfit_python_attention"):
-                r_fused = C.med(paired(res, "bertfit", "bertfit_python_attention"))
-                lines += ["", f"bertfit's C++ attention-with-dropout kernel (train/csrc/dropout_attention.cpp) against "
-                              f"the same attention in Python blocks: {r_fused:.2f}x tokens/s (paired median)."]
+            if res.get("bertfit_no_kernels"):
+                r_fused = C.med(paired(res, "bertfit", "bertfit_no_kernels"))
+                lines += ["", f"bertfit's C++ kernels (train/csrc/cpu_dropout.cpp: fused attention with dropout, "
+                              f"dropout masks on all threads) against the same in Python: {r_fused:.2f}x tokens/s "
+                              "(paired median)."]
             if res.get("bertfit_torch_dropout"):
                 r_fast = C.med(paired(res, "bertfit", "bertfit_torch_dropout"))
                 lines += ["", f"bertfit's CPU dropout sampler (train/cpu_dropout.py: same p and scaling, 4 masks per "

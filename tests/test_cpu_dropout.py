@@ -212,10 +212,10 @@ def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, mo
     stock = AutoModelForSequenceClassification.from_pretrained(tiny_model)
     fast = AutoModelForSequenceClassification.from_pretrained(tiny_model)
     n_dropout = sum(type(m) is nn.Dropout for m in fast.modules())
-    assert use_fast_cpu_dropout(fast, fused_attention=path == "fused") == n_dropout > 0
+    assert use_fast_cpu_dropout(fast, cpu_kernels_on=path == "fused") == n_dropout > 0
     assert not any(type(m) is nn.Dropout for m in fast.modules())
     assert fast.config._attn_implementation == ATTENTION_NAME
-    assert all(getattr(m, cpu_dropout.FUSED_FLAG) == (path == "fused") for m in fast.modules())
+    assert all(getattr(m, cpu_dropout.KERNELS_FLAG) == (path == "fused") for m in fast.modules())
     ids = torch.randint(5, 60, (4, 20))
     am = torch.ones_like(ids)
     am[1, 12:] = 0
@@ -228,14 +228,14 @@ def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, mo
     masks = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_dropout, "drop_mask", recording(drop_nothing, masks))
-        mp.setattr(cpu_dropout, "drop_threshold", lambda p: (0, 1.0))  # the C++ kernel's masks: keep all
+        mp.setattr(cpu_dropout, "drop_threshold", lambda p: (0, 1.0))  # the C++ kernels' masks: keep all
         with torch.no_grad():
             assert torch.allclose(stock(input_ids=ids, attention_mask=am).logits,
                                   fast(input_ids=ids, attention_mask=am).logits, atol=1e-6)
     heads = stock.config.num_attention_heads
     attention_masks = [tuple(m.shape) for m in masks if m.shape[-2:] == (20, 20)]
-    if path == "fused":  # the kernel draws attention masks itself; only the other dropouts come from drop_mask
-        assert masks and not attention_masks
+    if path == "fused":  # the kernels draw every mask themselves
+        assert not masks
     else:
         expected = (1 if path == "blocked" else 4, heads, 20, 20)  # a mask per block of one sequence, or per batch
         assert attention_masks and all(x == expected for x in attention_masks)
@@ -251,8 +251,8 @@ def test_model_swap_keeps_eval_outputs_and_saved_config(tiny_model, tmp_path, mo
 
 
 def fused_kernel():
-    kernel = cpu_dropout.fused_attention_kernel()
-    assert kernel is not None, "train/csrc/dropout_attention.cpp did not build (needs g++ and ninja on x86-64)"
+    kernel = cpu_dropout.cpu_kernels()
+    assert kernel is not None, "train/csrc/cpu_dropout.cpp did not build (needs g++ and ninja on x86-64)"
     return kernel
 
 
@@ -322,7 +322,7 @@ def test_dropout_attention_takes_the_fused_kernel_when_the_model_asks(monkeypatc
     keep[2, ..., 5:] = False  # transformers' bool mask, True = attend
     module = nn.Module()
     module.is_causal = False
-    setattr(module, cpu_dropout.FUSED_FLAG, True)
+    setattr(module, cpu_dropout.KERNELS_FLAG, True)
     torch.manual_seed(4)
     ours, _ = dropout_attention(module, q, k, v, keep, dropout=0.2, scaling=0.3)
     torch.manual_seed(4)
@@ -330,8 +330,31 @@ def test_dropout_attention_takes_the_fused_kernel_when_the_model_asks(monkeypatc
     assert torch.equal(ours, cpu_dropout.FusedDropoutAttention.apply(q, k, v, additive, 0.2, 0.3))
     torch.manual_seed(5)
     assert not torch.equal(ours, dropout_attention(module, q, k, v, keep, dropout=0.2, scaling=0.3)[0])
-    setattr(module, cpu_dropout.FUSED_FLAG, False)  # the model was set up without it: the Python paths
+    setattr(module, cpu_dropout.KERNELS_FLAG, False)  # the model was set up without it: the Python paths
     masks = []
     monkeypatch.setattr(cpu_dropout, "drop_mask", recording(drop_mask, masks))
     dropout_attention(module, q, k, v, keep, dropout=0.2, scaling=0.3)
     assert len(masks) == 1
+
+
+def test_kernel_dropout_values_rate_gradient_and_seed():
+    """``KernelDropout`` (the C++ dropout on all threads): element i keeps or drops as element i of the seed's
+    stream, kept values scaled by the exact inverse keep probability, the same mask in backward."""
+    kernel = fused_kernel()
+    x = (torch.rand(64, 1001) + 0.5).requires_grad_(True)  # not a multiple of the kernel's 1024-element chunks
+    seed = next_seed(11)
+    torch.manual_seed(11)
+    y = cpu_dropout.KernelDropout.apply(x, 0.25)
+    t, scale = drop_threshold(0.25)
+    keep = kernel.keep_mask(1, 1, 1, x.numel(), seed, t).view(x.shape).bool()
+    assert torch.equal(y != 0, keep) and within_binomial(int((~keep).sum()), keep.numel(), t / 65536)
+    assert torch.allclose(y[keep], x.detach()[keep] * scale)
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.allclose(x.grad, keep.float() * 2 * scale)
+    layer = FastCPUDropout(0.25)  # the module takes the kernel when the model was set up with it
+    setattr(layer, cpu_dropout.KERNELS_FLAG, True)
+    torch.manual_seed(11)
+    assert torch.equal(layer(x), y)
+    torch.manual_seed(12)
+    assert not torch.equal(layer(x), y)
+    assert torch.equal(layer.eval()(x), x)

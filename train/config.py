@@ -96,10 +96,11 @@ class TrainConfig:
     """On CPU, draw dropout masks 4 per random number instead of PyTorch's serial per-element sampler, and run
     attention with dropout in cache-sized blocks (same p and scaling; see docs/benchmarks.md; fp32 only, bf16
     autocast gets the unblocked math). No effect on GPU or in eval."""
-    fused_cpu_attention: bool = True
-    """Under fast_cpu_dropout, run attention with dropout through the C++ kernel train/csrc/dropout_attention.cpp
-    (compiled with the machine's C++ compiler on first use, ~30 s, cached under TORCH_EXTENSIONS_DIR); false, or
-    where it cannot be built (no compiler, not x86-64 with AVX2): blocks of sequences in Python, ~1.6x slower."""
+    cpu_kernels: bool = True
+    """Under fast_cpu_dropout, use the C++ kernels of train/csrc/cpu_dropout.cpp: attention with dropout fused
+    (~1.6x faster per layer than the Python blocks) and dropout masks drawn on all threads; compiled with the
+    machine's C++ compiler on first use (~30 s, cached under TORCH_EXTENSIONS_DIR). false, or where they cannot be
+    built (no compiler or ninja, not x86-64 with AVX2): the same computation in Python/PyTorch ops."""
     keep_freed_memory: bool = True
     """On CPU, tell glibc's malloc to keep freed memory for reuse (allocations up to 32 MB from the heap, no heap
     trimming) instead of handing activation buffers back to the kernel and faulting them in again every step

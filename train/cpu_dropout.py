@@ -25,8 +25,8 @@ from torch import nn
 
 ATTENTION_NAME = "bertfit_cpu_dropout"
 _LANES = 65536  # 16-bit lanes
-FUSED_FLAG = "bertfit_fused_attention"  # set on a model's modules by use_fast_cpu_dropout(fused_attention=True)
-KERNEL_SOURCE = Path(__file__).parent / "csrc" / "dropout_attention.cpp"
+KERNELS_FLAG = "bertfit_cpu_kernels"  # set on a model's modules by use_fast_cpu_dropout(cpu_kernels=True)
+KERNEL_SOURCE = Path(__file__).parent / "csrc" / "cpu_dropout.cpp"
 
 
 def drop_threshold(p: float) -> tuple[int, float]:
@@ -69,13 +69,35 @@ class MaskScale(torch.autograd.Function):
         return grad.mul(ctx.scale).mul_(keep), None, None
 
 
+class KernelDropout(torch.autograd.Function):
+    """Dropout of an fp32 tensor in the C++ kernel: masks with ``drop_threshold``'s probability from the
+    counter-based stream of one 64-bit seed (drawn from torch's CPU generator), drawn by all threads, and mask,
+    scale and multiply in one pass; autograd keeps the 1-byte mask."""
+
+    @staticmethod
+    def forward(ctx, x, p: float):
+        threshold, scale = drop_threshold(p)
+        out, keep = cpu_kernels().dropout(x.contiguous(), draw_seed(), threshold, scale)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return cpu_kernels().dropout_backward(grad.contiguous(), keep, ctx.scale), None
+
+
 class FastCPUDropout(nn.Dropout):
-    """``nn.Dropout`` with masks from ``drop_mask`` when training on CPU; stock dropout otherwise.
+    """``nn.Dropout`` with masks from ``drop_mask`` (or ``KernelDropout`` where the model was set up with the C++
+    kernels) when training on CPU; stock dropout otherwise.
     A subclass, so code that reads ``.p`` or checks ``isinstance(m, nn.Dropout)`` still works."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
+        if x.dtype == torch.float32 and getattr(self, KERNELS_FLAG, False) and cpu_kernels() is not None:
+            return KernelDropout.apply(x, self.p)
         drop, scale = drop_mask(x.shape, self.p, x.device)
         return MaskScale.apply(x, keep_of(drop), scale)
 
@@ -128,8 +150,14 @@ class BlockedDropoutAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
+def draw_seed() -> int:
+    """One 64-bit seed for the C++ kernels' mask stream, from torch's CPU generator (so manual_seed and the
+    checkpointed RNG state decide it)."""
+    return int(torch.empty((), dtype=torch.int64).random_(-2**63, None))
+
+
 @functools.cache
-def fused_attention_kernel():
+def cpu_kernels():
     """The C++ kernel of ``KERNEL_SOURCE``, compiled with the machine's C++ compiler on first use (~30 s, then
     cached under ``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions); None, after a one-line note, where
     it cannot be built (no compiler or ninja, not x86-64 with AVX2)."""
@@ -141,13 +169,13 @@ def fused_attention_kernel():
 
         # -fopenmp: at::parallel_for is serial without it (the extension then shares torch's own libgomp);
         # -ffast-math: lets the compiler vectorize expf (glibc's libmvec) and the row reductions
-        return load(name="bertfit_dropout_attention", sources=[str(KERNEL_SOURCE)],
+        return load(name="bertfit_cpu_dropout", sources=[str(KERNEL_SOURCE)],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
                     verbose=False)
     except Exception as e:  # any build failure: the Python path below does the same computation
         reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        print(f"bertfit: the fused CPU attention kernel ({KERNEL_SOURCE.name}) could not be built ({reason[:200]}); "
-              "attention dropout runs in Python blocks instead", flush=True)
+        print(f"bertfit: the CPU dropout kernels (train/csrc/{KERNEL_SOURCE.name}) could not be built "
+              f"({reason[:200]}); dropout and attention run in Python instead", flush=True)
         return None
 
 
@@ -168,13 +196,13 @@ class FusedDropoutAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, mask, p: float, scaling: float):
         threshold, scale = drop_threshold(p)
-        seed = int(torch.empty((), dtype=torch.int64).random_(-2**63, None))
+        seed = draw_seed()
         rows = fused_rows_per_block(key.shape[2])
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         if mask is not None:
             mask = mask.to(query.dtype).expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
             mask = mask if mask.stride(-1) == 1 else mask.contiguous()
-        out, lse = fused_attention_kernel().forward(query, key, value, mask, seed, threshold, scale, scaling, rows)
+        out, lse = cpu_kernels().forward(query, key, value, mask, seed, threshold, scale, scaling, rows)
         ctx.save_for_backward(query, key, value, mask, lse)
         ctx.args = (seed, threshold, scale, scaling, rows)
         return out
@@ -183,7 +211,7 @@ class FusedDropoutAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, mask, lse = ctx.saved_tensors
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        grads = fused_attention_kernel().backward(grad_out, query, key, value, mask, lse, *ctx.args)
+        grads = cpu_kernels().backward(grad_out, query, key, value, mask, lse, *ctx.args)
         return (*grads, None, None, None)
 
 
@@ -203,7 +231,7 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
                       is_causal=None, **kwargs):
     """A transformers attention function (same signature and output layout as ``sdpa_attention_forward``) for
     encoder self-attention training on CPU: fp32 layers go to ``FusedDropoutAttention`` where the model was set up
-    for it and the kernel loads, else ``BlockedDropoutAttention`` for layers of more than ``ONE_BLOCK_SCORES``
+    with the C++ kernels and they load, else ``BlockedDropoutAttention`` for layers of more than ``ONE_BLOCK_SCORES``
     scores; the plain math otherwise (bf16 autocast, small layers); anything else goes to sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -223,7 +251,7 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
         attention_mask = attention_mask.view(torch.uint8).to(query.dtype).sub_(1).mul_(torch.finfo(query.dtype).max)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     fp32 = query.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    if fp32 and getattr(module, FUSED_FLAG, False) and fused_attention_kernel() is not None:
+    if fp32 and getattr(module, KERNELS_FLAG, False) and cpu_kernels() is not None:
         return FusedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling), None
     if fp32 and query.shape[0] * query.shape[1] * q_len * q_len > ONE_BLOCK_SCORES:
         out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
@@ -234,10 +262,10 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_fast_cpu_dropout(model: nn.Module, fused_attention: bool = True) -> int:
+def use_fast_cpu_dropout(model: nn.Module, cpu_kernels_on: bool = True) -> int:
     """Swap every ``nn.Dropout`` in ``model`` for ``FastCPUDropout`` (same p) and, where the model takes a
-    transformers attention function, route its sdpa attention through ``dropout_attention`` (through the C++
-    kernel if ``fused_attention`` and it builds; built here, before training starts). Returns how many
+    transformers attention function, route its sdpa attention through ``dropout_attention``; both use the C++
+    kernels if ``cpu_kernels_on`` and they build (built here, before training starts). Returns how many
     modules changed. No parameters or buffers change, so checkpoints and exports are unaffected (the attention
     setting lives in ``model.config`` only; ``save_pretrained`` does not write it to config.json)."""
     changed = 0
@@ -258,8 +286,8 @@ def use_fast_cpu_dropout(model: nn.Module, fused_attention: bool = True) -> int:
             model.set_attn_implementation(ATTENTION_NAME)
         except (ValueError, TypeError):  # architectures that do not take registered attention functions
             pass
-    fused = fused_attention and fused_attention_kernel() is not None
+    kernels = cpu_kernels_on and cpu_kernels() is not None
     for module in model.modules():
-        setattr(module, FUSED_FLAG, fused)
+        setattr(module, KERNELS_FLAG, kernels)
     return changed
 

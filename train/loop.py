@@ -77,7 +77,7 @@ def train(cfg: TrainConfig) -> int:
     torch.manual_seed(cfg.seed)  # same classifier-head init on every rank
     model = load_model(model_path, label_names, cfg.trust_remote_code, manifest["chunking"]["max_length"])
     if cfg.fast_cpu_dropout and accelerator.device.type == "cpu":
-        use_fast_cpu_dropout(model, cfg.fused_cpu_attention)  # PyTorch's CPU dropout sampler is ~20% of a step
+        use_fast_cpu_dropout(model, cfg.cpu_kernels)  # PyTorch's CPU dropout sampler is ~20% of a step
     if cfg.keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()  # glibc: no page faults for the same activation buffers every step
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
