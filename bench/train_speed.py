@@ -583,8 +583,9 @@ def parse_args(argv=None):
                    help="before/after mode: NAME=REPO_COPY,... (e.g. before=/tmp/bertfit-base,after=/tmp/bertfit-data); "
                         "runs --configs from each copy, interleaved, plus in-loop helper timings, and writes --section")
     p.add_argument("--variant-notes", default="", help="NAME=text;NAME=text: what each variant changes")
-    p.add_argument("--section", default="loop_fixes", help="docs section name for --variants. Default: loop_fixes")
-    p.add_argument("--section-title", default="Loop fixes: before and after")
+    p.add_argument("--section", default=None,
+                   help="docs section to write. Default: train_speed (loop_fixes with --variants)")
+    p.add_argument("--section-title", default=None, help="its heading. Default: the section's usual title")
     p.add_argument("--loopstats-steps", type=int, default=12, help="--variants: steps of the in-loop timing runs")
     p.add_argument("--profile", action="store_true",
                    help="instead of throughput: py-spy profile of bertfit's loop + host-sync counts (section loop_profile)")
@@ -647,7 +648,8 @@ def main(argv=None) -> int:
     body = report(a, results, cases, configs, time.time() - t0)
     print(body)
     if not a.no_write:
-        C.write_section("train_speed", "Training throughput: bertfit vs HF Trainer vs a bare loop", body, a.write)
+        C.write_section(a.section or "train_speed",
+                        a.section_title or "Training throughput: bertfit vs HF Trainer vs a bare loop", body, a.write)
         C.log(f"wrote {a.write}")
     return 0
 
@@ -661,7 +663,8 @@ def paired(results_case: dict, num: str, den: str) -> list[float]:
 def report(a, results, cases, configs, total_s) -> str:
     cmd = ("python -m bench.train_speed " + f"--cases {','.join(cases)} --steps {a.steps} --tiny-steps {a.tiny_steps} "
            f"--rt-steps {a.rt_steps} --repeats {a.repeats}"
-           + (f" --configs {','.join(configs)}" if tuple(configs) != CONFIGS else ""))
+           + (f" --configs {','.join(configs)}" if tuple(configs) != CONFIGS else "")
+           + (f" --section {a.section}" if a.section else ""))
     runs = [r for case in cases for c in configs for r in results[case][c]]
     trainer_optim = next((r.get("optim") for r in runs if r.get("optim")), None)
     steps_txt = "; ".join(f"{case}: {case_params(a, case)[2]} steps, first {case_params(a, case)[3]} excluded"
@@ -803,7 +806,7 @@ def main_variants(a) -> int:
     print(body)
     C.dump_json(a.json.with_suffix(".stats.json"), {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in stats.items()})
     if not a.no_write:
-        C.write_section(a.section, a.section_title, body, a.write)
+        C.write_section(a.section or "loop_fixes", a.section_title or "Loop fixes: before and after", body, a.write)
     return 0
 
 
