@@ -48,7 +48,8 @@ inline uint64_t splitmix64(uint64_t seed, uint64_t word) {
 // keep[j] = 1 unless element `first + j` of the stream drops (its 16-bit lane < threshold). The aligned middle
 // goes through a small buffer of words so that both loops vectorize (the words, then their 16-bit lanes): 2.2x
 // the word-at-a-time loop with AVX2, and an AVX-512 clone (picked at load time where the CPU has it) 2.5x more.
-__attribute__((target_clones("arch=x86-64-v4", "default"))) void keep_row(uint8_t* keep, uint64_t seed, uint64_t first, int64_t n, uint32_t threshold) {
+__attribute__((target_clones("arch=x86-64-v4", "default")))
+void keep_row(uint8_t* keep, uint64_t seed, uint64_t first, int64_t n, uint32_t threshold) {
   const auto one = [&](int64_t j) {
     const uint64_t idx = first + j;
     keep[j] = ((splitmix64(seed, idx >> 2) >> (16 * (idx & 3))) & 0xffff) >= threshold;
