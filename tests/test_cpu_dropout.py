@@ -358,3 +358,30 @@ def test_kernel_dropout_values_rate_gradient_and_seed():
     torch.manual_seed(12)
     assert not torch.equal(layer(x), y)
     assert torch.equal(layer.eval()(x), x)
+
+
+def test_bf16_paths_drop_what_the_fp32_kernels_drop():
+    """With the C++ kernels on, bf16 tensors (autocast, or a bf16 model under DeepSpeed) cannot take the kernels,
+    but must drop the same elements from the same generator state, so bf16 and fp32 runs stay comparable."""
+    fused_kernel()
+    layer = FastCPUDropout(0.5)
+    setattr(layer, cpu_dropout.KERNELS_FLAG, True)
+    x = torch.rand(8, 300) + 0.5
+    torch.manual_seed(21)
+    y32 = layer(x)
+    torch.manual_seed(21)
+    y16 = layer(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16 != 0, y32 != 0) and (y32 == 0).any()
+    q, k, v = qkv(7)
+    module = nn.Module()
+    module.is_causal = False
+    setattr(module, cpu_dropout.KERNELS_FLAG, True)
+    torch.manual_seed(22)
+    ours32, _ = dropout_attention(module, q, k, v, None, dropout=0.5, scaling=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(22)
+        ours16, _ = dropout_attention(module, q, k, v, None, dropout=0.5, scaling=0.3)
+        torch.manual_seed(23)
+        other16, _ = dropout_attention(module, q, k, v, None, dropout=0.5, scaling=0.3)
+    assert ours16.dtype == torch.bfloat16
+    assert (ours16.float() - ours32).abs().max() < 0.05 < (other16.float() - ours32).abs().max()

@@ -96,8 +96,10 @@ class FastCPUDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
-        if x.dtype == torch.float32 and getattr(self, KERNELS_FLAG, False) and cpu_kernels() is not None:
-            return KernelDropout.apply(x, self.p)
+        if getattr(self, KERNELS_FLAG, False) and cpu_kernels() is not None:
+            if x.dtype == torch.float32:
+                return KernelDropout.apply(x, self.p)
+            return MaskScale.apply(x, *kernel_keep_mask(x.shape, self.p))  # bf16: the same elements drop
         drop, scale = drop_mask(x.shape, self.p, x.device)
         return MaskScale.apply(x, keep_of(drop), scale)
 
@@ -179,6 +181,15 @@ def cpu_kernels():
         return None
 
 
+def kernel_keep_mask(shape, p: float) -> tuple[torch.Tensor, float]:
+    """The uint8 keep mask the C++ kernels draw for a tensor of ``shape`` (one seed from torch's generator, element
+    i of the flattened tensor = element i of the stream), and its scale. For the paths the kernels do not run
+    (bf16): with the same generator state they drop exactly the elements an fp32 run drops."""
+    threshold, scale = drop_threshold(p)
+    keep = cpu_kernels().keep_mask(1, 1, 1, math.prod(shape), draw_seed(), threshold)
+    return keep.view(shape), scale
+
+
 def fused_rows_per_block(k_len: int) -> int:
     """Query rows per block in the C++ kernel: two fp32 (rows x k_len) buffers of ~0.5 MB each stay in a core's
     L2 cache (measured on MiniLM at 256 and BERT-base at 512: whole rows of 256 were fastest)."""
@@ -257,8 +268,12 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
         out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
     else:  # small enough to stay in cache whole, or bf16 autocast: plain math, autograd keeps the probabilities
         probs = _block_probs(query * scaling, key, attention_mask, slice(None))
-        drop, scale = drop_mask(probs.shape, dropout, probs.device)
-        out = torch.matmul(MaskScale.apply(probs, keep_of(drop), scale), value)
+        if getattr(module, KERNELS_FLAG, False) and cpu_kernels() is not None:  # the fused kernel's masks
+            keep, scale = kernel_keep_mask(probs.shape, dropout)
+        else:
+            drop, scale = drop_mask(probs.shape, dropout, probs.device)
+            keep = keep_of(drop)
+        out = torch.matmul(MaskScale.apply(probs, keep, scale), value)
     return out.transpose(1, 2).contiguous(), None
 
 
