@@ -25,7 +25,7 @@ from torch import nn
 
 ATTENTION_NAME = "bertfit_cpu_dropout"
 _LANES = 65536  # 16-bit lanes
-KERNELS_FLAG = "bertfit_cpu_kernels"  # set on a model's modules by use_fast_cpu_dropout(cpu_kernels=True)
+KERNELS_FLAG = "bertfit_cpu_kernels"  # set on a model's modules by use_fast_cpu_dropout(cpu_kernels_on=True)
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "cpu_dropout.cpp"
 
 
@@ -96,12 +96,9 @@ class FastCPUDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
-        if getattr(self, KERNELS_FLAG, False) and cpu_kernels() is not None:
-            if x.dtype == torch.float32:
-                return KernelDropout.apply(x, self.p)
-            return MaskScale.apply(x, *kernel_keep_mask(x.shape, self.p))  # bf16: the same elements drop
-        drop, scale = drop_mask(x.shape, self.p, x.device)
-        return MaskScale.apply(x, keep_of(drop), scale)
+        if x.dtype == torch.float32 and uses_kernels(self):
+            return KernelDropout.apply(x, self.p)
+        return MaskScale.apply(x, *keep_mask_for(self, x.shape, self.p))
 
 
 SCORES_PER_BLOCK = 1 << 20  # 4 MB of fp32 scores: stays in cache, large enough that the Python loop costs little
@@ -152,6 +149,20 @@ class BlockedDropoutAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
+def uses_kernels(module: nn.Module) -> bool:
+    """Whether ``module`` belongs to a model set up with the C++ kernels (and they loaded)."""
+    return getattr(module, KERNELS_FLAG, False) and cpu_kernels() is not None
+
+
+def keep_mask_for(module: nn.Module, shape, p: float) -> tuple[torch.Tensor, float]:
+    """(uint8 keep mask, scale) for dropout outside the kernels: from the kernels' stream where the model uses
+    them (so bf16 tensors drop exactly what an fp32 run drops), else from ``drop_mask``."""
+    if uses_kernels(module):
+        return kernel_keep_mask(shape, p)
+    drop, scale = drop_mask(shape, p, "cpu")
+    return keep_of(drop), scale
+
+
 def draw_seed() -> int:
     """One 64-bit seed for the C++ kernels' mask stream, from torch's CPU generator (so manual_seed and the
     checkpointed RNG state decide it)."""
@@ -160,7 +171,7 @@ def draw_seed() -> int:
 
 @functools.cache
 def cpu_kernels():
-    """The C++ kernel of ``KERNEL_SOURCE``, compiled with the machine's C++ compiler on first use (~30 s, then
+    """The C++ kernels of ``KERNEL_SOURCE``, compiled with the machine's C++ compiler on first use (~30 s, then
     cached under ``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions); None, after a one-line note, where
     it cannot be built (no compiler or ninja, not x86-64 with AVX2)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or \
@@ -262,18 +273,13 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
         attention_mask = attention_mask.view(torch.uint8).to(query.dtype).sub_(1).mul_(torch.finfo(query.dtype).max)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     fp32 = query.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    if fp32 and getattr(module, KERNELS_FLAG, False) and cpu_kernels() is not None:
+    if fp32 and uses_kernels(module):
         return FusedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling), None
     if fp32 and query.shape[0] * query.shape[1] * q_len * q_len > ONE_BLOCK_SCORES:
         out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
     else:  # small enough to stay in cache whole, or bf16 autocast: plain math, autograd keeps the probabilities
         probs = _block_probs(query * scaling, key, attention_mask, slice(None))
-        if getattr(module, KERNELS_FLAG, False) and cpu_kernels() is not None:  # the fused kernel's masks
-            keep, scale = kernel_keep_mask(probs.shape, dropout)
-        else:
-            drop, scale = drop_mask(probs.shape, dropout, probs.device)
-            keep = keep_of(drop)
-        out = torch.matmul(MaskScale.apply(probs, keep, scale), value)
+        out = torch.matmul(MaskScale.apply(probs, *keep_mask_for(module, probs.shape, dropout)), value)
     return out.transpose(1, 2).contiguous(), None
 
 
