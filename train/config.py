@@ -98,7 +98,7 @@ class TrainConfig:
     autocast gets the unblocked math). No effect on GPU or in eval."""
     cpu_kernels: bool = True
     """Under fast_cpu_dropout, use the C++ kernels of train/csrc/cpu_dropout.cpp: attention with dropout fused
-    (~1.6x faster per layer than the Python blocks) and dropout masks drawn on all threads; compiled with the
+    (~1.9x faster per layer than the Python blocks) and dropout masks drawn on all threads; compiled with the
     machine's C++ compiler on first use (~30 s, cached under TORCH_EXTENSIONS_DIR). false, or where they cannot be
     built (no compiler or ninja, not x86-64 with AVX2): the same computation in Python/PyTorch ops."""
     keep_freed_memory: bool = True
