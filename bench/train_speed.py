@@ -16,6 +16,8 @@ Tomatoes reviews):
                   eval_split null, log every step; numbers come from its logs/history.jsonl (see below)
   bertfit_no_kernels  the same with ``cpu_kernels: false``: dropout and attention with dropout in Python/PyTorch
                   ops (train/cpu_dropout.py's drop_mask and BlockedDropoutAttention) instead of the C++ kernels
+  bertfit_full_last_layer  the same with ``cls_only_last_layer: false``: the last encoder layer computed for every
+                  token, as the stock model does (bertfit computes it for [CLS] only, which the classifier reads)
   bertfit_torch_dropout  the same with ``fast_cpu_dropout: false``: PyTorch's own CPU dropout sampler (what
                   bertfit ran before train/cpu_dropout.py, and what Trainer runs)
   trainer         transformers.Trainer with default settings: default sampler (random) and
@@ -27,8 +29,8 @@ Tomatoes reviews):
   bare            a plain PyTorch loop over exactly the micro-batches bertfit makes (``epoch_batches`` +
                   ``WindowBatches``, same seed, so the same batches as bertfit): forward, backward,
                   clip_grad_norm_, AdamW step, zero_grad; no Accelerate, no logging, no host syncs; the model
-                  gets bertfit's CPU dropout (``use_fast_cpu_dropout``) and malloc setting
-                  (``keep_freed_memory``) so only the loop differs
+                  gets bertfit's CPU dropout (``use_fast_cpu_dropout``), [CLS]-only last layer
+                  (``cls_only_last_layer``) and malloc setting (``keep_freed_memory``) so only the loop differs
   bare_eval       the bare loop without ``model.train()``: dropout off (a common bug; for reference)
 
 Throughput is measured the same way for all: steps 1..W are warm-up and are excluded; over steps W+1..N,
@@ -58,11 +60,12 @@ if __package__ in (None, ""):
 
 from bench import _common as C  # noqa: E402
 
-CONFIGS = ("bertfit", "bertfit_no_kernels", "bertfit_torch_dropout", "trainer", "trainer_grouped", "bare",
-           "bare_eval")
+CONFIGS = ("bertfit", "bertfit_no_kernels", "bertfit_full_last_layer", "bertfit_torch_dropout", "trainer",
+           "trainer_grouped", "bare", "bare_eval")
 LABEL = {"bertfit_ddp": "bertfit loop, 2 processes x 1 thread (DDP gloo, 2 x batch 8)",
          "bertfit": "bertfit loop (`python -m train`)",
          "bertfit_no_kernels": "bertfit loop, `cpu_kernels: false` (dropout and attention dropout in Python)",
+         "bertfit_full_last_layer": "bertfit loop, `cls_only_last_layer: false` (last layer for every token)",
          "bertfit_torch_dropout": "bertfit loop, `fast_cpu_dropout: false` (PyTorch's dropout sampler)",
          "trainer": "HF Trainer, default sampler",
          "trainer_grouped": "HF Trainer, group_by_length",
@@ -115,10 +118,12 @@ def worker_bare(a, dropout: bool = True) -> dict:
     windows = WindowBatches(ds, tok.pad_token_id, None)
     torch.manual_seed(SEED)
     model = _model(a.model_path, len(manifest["labels"]))
-    if dropout:  # the model bertfit trains: same dropout p, masks from train/cpu_dropout.py
+    if dropout:  # the model bertfit trains: same dropout p, masks from train/cpu_dropout.py, last layer for [CLS]
         from train.cpu_dropout import use_fast_cpu_dropout
+        from train.last_layer import cls_only_last_layer
 
         use_fast_cpu_dropout(model)
+        cls_only_last_layer(model)
     opt = make_optimizer(model, LR, WD)
     torch.manual_seed(SEED)
     # from_pretrained returns the model in eval mode; a loop that forgets model.train() trains without dropout,
@@ -339,9 +344,10 @@ def run_config(cfg: str, model: str, data: Path, steps: int, threads: int, scrat
     env = C.env(threads)
     if pythonpath is not None:
         env["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{C.REPO}"
-    if cfg in ("bertfit", "bertfit_no_kernels", "bertfit_torch_dropout"):
+    if cfg in ("bertfit", "bertfit_no_kernels", "bertfit_full_last_layer", "bertfit_torch_dropout"):
         switch = {"bertfit_torch_dropout": {"fast_cpu_dropout": False},
-                  "bertfit_no_kernels": {"cpu_kernels": False}}.get(cfg, {})
+                  "bertfit_no_kernels": {"cpu_kernels": False},
+                  "bertfit_full_last_layer": {"cls_only_last_layer": False}}.get(cfg, {})
         extra = {**(bertfit_extra or {}), **switch}
         (run_dir / "run.yaml").write_text(bertfit_yaml(model, data, run_dir / "out", steps, extra))
         cmd = [C.PY, "-m", "train", "--config", str(run_dir / "run.yaml")]
@@ -723,6 +729,11 @@ def report(a, results, cases, configs, total_s) -> str:
                 lines += ["", f"bertfit's C++ kernels (train/csrc/cpu_dropout.cpp: fused attention with dropout, "
                               f"dropout masks on all threads) against the same in Python: {r_fused:.2f}x tokens/s "
                               "(paired median)."]
+            if res.get("bertfit_full_last_layer"):
+                r_cls = C.med(paired(res, "bertfit", "bertfit_full_last_layer"))
+                lines += ["", f"bertfit's last encoder layer for [CLS] only (train/last_layer.py: the classifier reads "
+                              f"position 0 only; same logits and gradients) against the stock full last layer: "
+                              f"{r_cls:.2f}x tokens/s (paired median)."]
             if res.get("bertfit_torch_dropout"):
                 r_fast = C.med(paired(res, "bertfit", "bertfit_torch_dropout"))
                 lines += ["", f"bertfit's CPU dropout sampler (train/cpu_dropout.py: same p and scaling, 4 masks per "

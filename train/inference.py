@@ -13,6 +13,7 @@ from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
 from data_prep.tokenizer import special_token_template
 from train.data import collate_windows
 from train.export import EXPORT_INFO
+from train.last_layer import cls_only_last_layer
 
 
 class InferenceError(Exception):
@@ -47,6 +48,7 @@ def load_export(model_dir: str | Path, device: str | None = None):
         raise InferenceError(f"--model {model_dir}: cannot load: {str(exc).splitlines()[0]}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    cls_only_last_layer(model)  # same logits, the last layer computed for the first token only
     info = {"labels": labels, "pooling": info.get("pooling", "mean"), "task": info.get("task", "single"),
             "chunking": info.get("chunking"), **{k: v for k, v in info.items() if k not in ("labels",)}}
     return model, tokenizer, info

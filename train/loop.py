@@ -28,6 +28,7 @@ from train.checkpoint import (LoopState, latest_checkpoint, load_checkpoint, rea
                               remove_partial_checkpoints, save_checkpoint)
 from train.config import EXIT_CONFIG_ERROR, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig, flat_hparams, parse_config, to_dict
 from train.cpu_dropout import use_fast_cpu_dropout
+from train.last_layer import cls_only_last_layer
 from train.data import WindowBatches, epoch_batches, eval_batches, load_split, make_loader, model_inputs, steps_per_epoch
 from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint
 from train.evaluation import confusion_matrix_image, run_evaluation
@@ -78,6 +79,8 @@ def train(cfg: TrainConfig) -> int:
     model = load_model(model_path, label_names, cfg.trust_remote_code, manifest["chunking"]["max_length"])
     if cfg.fast_cpu_dropout and accelerator.device.type == "cpu":
         use_fast_cpu_dropout(model, cfg.cpu_kernels)  # PyTorch's CPU dropout sampler is ~20% of a step
+    if cfg.cls_only_last_layer:
+        cls_only_last_layer(model)  # the classifier reads position 0 only: the last layer computes nothing else
     if cfg.keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()  # glibc: no page faults for the same activation buffers every step
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
