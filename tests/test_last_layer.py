@@ -109,3 +109,23 @@ def test_models_reading_more_than_the_first_token_are_left_alone():
     assert "forward" not in vars(tokens.bert.encoder.layer[-1])
     decoder = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "is_decoder": True}))
     assert not cls_only_last_layer(decoder)
+
+
+def test_predict_and_evaluate_load_the_export_with_it(tmp_path):
+    from transformers import BertTokenizerFast
+
+    from train.inference import load_export
+    from train.tiny_model import tiny_vocab
+
+    (tmp_path / "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    model = tiny_bert("sdpa")
+    model.config.id2label = {0: "a", 1: "b", 2: "c"}
+    model.config.label2id = {"a": 0, "b": 1, "c": 2}
+    model.save_pretrained(tmp_path)
+    loaded, _, info = load_export(tmp_path, "cpu")
+    assert info["labels"] == ["a", "b", "c"]
+    assert "forward" in vars(loaded.bert.encoder.layer[-1])  # the first-token-only forward
+    inputs = {k: v for k, v in batch(3, True).items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits)

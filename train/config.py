@@ -105,7 +105,7 @@ class TrainConfig:
     """Run the encoder's last layer for the first token ([CLS]) only, as the classifier reads nothing else: keys
     and values of all tokens, the rest for one (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA; other models are left
     as they are). Same logits and gradients up to float rounding, ~1/7 fewer FLOPs per step on a 6-layer model
-    (~1/13 on 12 layers); CPU and GPU, training, evaluation and predict. Saved models are unaffected."""
+    (~1/14 on 12 layers); CPU and GPU, training, evaluation and predict. Saved models are unaffected."""
     keep_freed_memory: bool = True
     """On CPU, tell glibc's malloc to keep freed memory for reuse (allocations up to 32 MB from the heap, no heap
     trimming) instead of handing activation buffers back to the kernel and faulting them in again every step

@@ -3,7 +3,7 @@
 Why: BERT-style sequence classifiers (BERT's pooler, the RoBERTa/ELECTRA heads) read the last hidden state at
 position 0 ([CLS] / <s>) and nothing else, yet the stock model runs the last layer's query projection, attention,
 output projection and feed-forward for every token. Keys and values still need every token; the rest needs one.
-For a 6-layer model that is ~1/7 of a training step's FLOPs saved (~1/13 for 12 layers), and the logits and
+For a 6-layer model that is ~1/7 of a training step's FLOPs saved (~1/14 for 12 layers), and the logits and
 gradients are the same up to float rounding: no parameter, buffer or exported file changes.
 
 Only the architectures listed below, encoder-only (no decoder, no cross-attention), with eager/sdpa-style attention
