@@ -62,6 +62,10 @@ from bench import _common as C  # noqa: E402
 
 CONFIGS = ("bertfit", "bertfit_no_kernels", "bertfit_full_last_layer", "bertfit_torch_dropout", "trainer",
            "trainer_grouped", "bare", "bare_eval")
+# bertfit rows that differ from "bertfit" by one config setting
+BERTFIT_SWITCHES = {"bertfit_no_kernels": {"cpu_kernels": False},
+                    "bertfit_full_last_layer": {"cls_only_last_layer": False},
+                    "bertfit_torch_dropout": {"fast_cpu_dropout": False}}
 LABEL = {"bertfit_ddp": "bertfit loop, 2 processes x 1 thread (DDP gloo, 2 x batch 8)",
          "bertfit": "bertfit loop (`python -m train`)",
          "bertfit_no_kernels": "bertfit loop, `cpu_kernels: false` (dropout and attention dropout in Python)",
@@ -345,11 +349,8 @@ def run_config(cfg: str, model: str, data: Path, steps: int, threads: int, scrat
     env = C.env(threads)
     if pythonpath is not None:
         env["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{C.REPO}"
-    if cfg in ("bertfit", "bertfit_no_kernels", "bertfit_full_last_layer", "bertfit_torch_dropout"):
-        switch = {"bertfit_torch_dropout": {"fast_cpu_dropout": False},
-                  "bertfit_no_kernels": {"cpu_kernels": False},
-                  "bertfit_full_last_layer": {"cls_only_last_layer": False}}.get(cfg, {})
-        extra = {**(bertfit_extra or {}), **switch}
+    if cfg == "bertfit" or cfg in BERTFIT_SWITCHES:
+        extra = {**(bertfit_extra or {}), **BERTFIT_SWITCHES.get(cfg, {})}
         (run_dir / "run.yaml").write_text(bertfit_yaml(model, data, run_dir / "out", steps, extra))
         cmd = [C.PY, "-m", "train", "--config", str(run_dir / "run.yaml")]
     elif cfg == "bertfit_ddp":  # 2 processes x 1 thread, DDP over gloo, same global batch

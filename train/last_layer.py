@@ -46,7 +46,7 @@ def first_token_attention(attn: nn.Module, hidden_states: torch.Tensor, attentio
         else:
             scores = scores + first_row
     probs = attn.dropout(torch.softmax(scores, dim=-1))  # the module's dropout: same p, train/eval as the model
-    return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(batch, 1, heads * head_size)
+    return torch.matmul(probs, value).transpose(1, 2).reshape(batch, 1, heads * head_size)
 
 
 def _first_token_layer_forward(layer, hidden_states, attention_mask=None, *args, **kwargs):
