@@ -123,7 +123,7 @@ class BlockedDropoutAttention(torch.autograd.Function):
         keeps = []
         for start in range(0, query.shape[0], per_block):
             blk = slice(start, start + per_block)
-            probs = _block_probs(query[blk] * scaling, key[blk], mask, blk)
+            probs = attention_probs(query[blk] * scaling, key[blk], mask, blk)
             drop, scale = drop_mask(probs.shape, p, probs.device)  # block by block, in order: seeded runs repeat
             keeps.append(keep_of(drop))
             torch.matmul(probs.mul_(keeps[-1]), value[blk], out=out[blk])
@@ -138,7 +138,7 @@ class BlockedDropoutAttention(torch.autograd.Function):
         for start in range(0, query.shape[0], ctx.per_block):
             blk = slice(start, start + ctx.per_block)
             scaled_q = query[blk] * ctx.scaling
-            probs = _block_probs(scaled_q, key[blk], mask, blk)
+            probs = attention_probs(scaled_q, key[blk], mask, blk)
             g = grad_out[blk] * ctx.scale
             keep = kept[blk].to(probs.dtype)  # converted once for both uses (mul_ by uint8 converts on each call)
             grad_probs = torch.matmul(g, value[blk].transpose(-1, -2)).mul_(keep)
@@ -237,8 +237,9 @@ class FusedDropoutAttention(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _block_probs(scaled_q, key, mask, blk):
-    """Softmax probabilities for one block; ``mask``: None, float (added) or bool (True = masked out)."""
+def attention_probs(scaled_q, key, mask, blk):
+    """softmax(scaled_q @ key^T + mask) for the sequences ``blk`` of a batch; ``mask``: None, float (added) or
+    bool (True = masked out)."""
     scores = torch.matmul(scaled_q, key.transpose(-1, -2))
     if mask is not None:
         mask = mask[blk] if mask.shape[0] > 1 else mask
@@ -278,7 +279,7 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float 
     if fp32 and query.shape[0] * query.shape[1] * q_len * q_len > ONE_BLOCK_SCORES:
         out = BlockedDropoutAttention.apply(query, key, value, attention_mask, dropout, scaling)
     else:  # small enough to stay in cache whole, or bf16 autocast: plain math, autograd keeps the probabilities
-        probs = _block_probs(query * scaling, key, attention_mask, slice(None))
+        probs = attention_probs(query * scaling, key, attention_mask, slice(None))
         out = torch.matmul(MaskScale.apply(probs, *keep_mask_for(module, probs.shape, dropout)), value)
     return out.transpose(1, 2).contiguous(), None
 

@@ -17,6 +17,8 @@ import types
 import torch
 from torch import nn
 
+from train.cpu_dropout import ATTENTION_NAME, attention_probs
+
 # sequence-classification heads that read only position 0 of the last hidden state, and their layer class
 FIRST_TOKEN_HEADS = {
     "BertForSequenceClassification": "BertLayer",
@@ -27,7 +29,7 @@ FIRST_TOKEN_HEADS = {
 }
 # attention implementations whose layer mask is None or 4-D (batch, 1, queries, keys): bool (True = attend)
 # or float (added to the scores)
-MASK_4D_ATTENTION = {"eager", "sdpa", "bertfit_cpu_dropout"}
+MASK_4D_ATTENTION = {"eager", "sdpa", ATTENTION_NAME}
 
 
 def first_token_attention(attn: nn.Module, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
@@ -38,14 +40,11 @@ def first_token_attention(attn: nn.Module, hidden_states: torch.Tensor, attentio
     query = attn.query(hidden_states[:, :1]).view(batch, 1, heads, head_size).transpose(1, 2)
     key = attn.key(hidden_states).view(batch, length, heads, head_size).transpose(1, 2)
     value = attn.value(hidden_states).view(batch, length, heads, head_size).transpose(1, 2)
-    scores = torch.matmul(query * getattr(attn, "scaling", head_size ** -0.5), key.transpose(-1, -2))
-    if attention_mask is not None:
-        first_row = attention_mask[..., :1, :]  # (batch, 1, 1, keys)
-        if first_row.dtype == torch.bool:
-            scores = scores.masked_fill(~first_row, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + first_row
-    probs = attn.dropout(torch.softmax(scores, dim=-1))  # the module's dropout: same p, train/eval as the model
+    mask = None if attention_mask is None else attention_mask[..., :1, :]  # (batch, 1, 1, keys): position 0's row
+    if mask is not None and mask.dtype == torch.bool:
+        mask = ~mask  # transformers: True = attend; attention_probs: True = masked out
+    probs = attention_probs(query * getattr(attn, "scaling", head_size ** -0.5), key, mask, slice(None))
+    probs = attn.dropout(probs)  # the module's dropout: same p, train/eval as the model
     return torch.matmul(probs, value).transpose(1, 2).reshape(batch, 1, heads * head_size)
 
 

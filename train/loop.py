@@ -28,11 +28,11 @@ from train.checkpoint import (LoopState, latest_checkpoint, load_checkpoint, rea
                               remove_partial_checkpoints, save_checkpoint)
 from train.config import EXIT_CONFIG_ERROR, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig, flat_hparams, parse_config, to_dict
 from train.cpu_dropout import use_fast_cpu_dropout
-from train.last_layer import cls_only_last_layer
 from train.data import WindowBatches, epoch_batches, eval_batches, load_split, make_loader, model_inputs, steps_per_epoch
 from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint
 from train.evaluation import confusion_matrix_image, run_evaluation
 from train.export import export_model
+from train.last_layer import cls_only_last_layer
 from train.malloc import keep_freed_memory
 from train.optim import lr_at_step, make_optimizer, set_lr, warmup_steps_for
 from train.throughput import mfu, model_flops_per_token
