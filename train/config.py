@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -13,6 +14,7 @@ from typing import Literal, Optional
 # Exit codes (documented in the README; the SLURM scripts rely on REQUEUE).
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
+EXIT_NONFINITE = 3  # training diverged: a non-finite loss or gradient norm (on_nonfinite: stop)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after writing a checkpoint; relaunch to resume
 
 
@@ -116,6 +118,16 @@ class TrainConfig:
     """Peak TFLOP/s of one device for the MFU estimate (e.g. 989 for an H100 in bf16); null = not logged."""
     dist_timeout_s: int = 1800
     """Seconds a process waits at a collective before failing (rendezvous, barriers, all-reduce)."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """A non-finite (NaN/inf) loss or gradient norm: stop = end the run with exit code 3 and one error line,
+    keeping the checkpoints and best model from before it (the check runs at every log, evaluation and
+    checkpoint step, so nothing non-finite is ever saved or exported); skip_step = drop that optimizer step
+    (gradients zeroed, weights unchanged; costs one host sync per step; not under DeepSpeed, and under fp16 the
+    loss scaler already skips such steps)."""
+    verify_data: Optional[bool] = None
+    """Recompute each used split's content hash and compare it with the manifest's (shards changed or damaged
+    since data_prep). null = only when the splits used hold at most 20M tokens (about 2 s per 10M tokens);
+    true = always; false = never. Labels and token ids are range-checked at start-up either way."""
 
 
 def _parser():
@@ -130,8 +142,9 @@ def _parser():
         prog="accelerate launch [--config_file accelerate_configs/X.yaml] -m train",
         description="Fine-tune a BERT-style encoder on data_prep shards. Give a YAML run config with --config; "
                     "any field can be overridden after it (--learning_rate 3e-5, --early_stopping.patience 2). "
-                    f"Exit status: 0 done, {EXIT_CONFIG_ERROR} bad config or data, {EXIT_REQUEUE} stopped by "
-                    "SIGUSR1/SIGTERM after a checkpoint (relaunch to resume).",
+                    f"Exit status: 0 done, {EXIT_CONFIG_ERROR} bad config or data (one error line), {EXIT_NONFINITE} "
+                    f"training diverged (non-finite loss or gradient), {EXIT_REQUEUE} stopped by SIGUSR1/SIGTERM "
+                    "after a checkpoint (relaunch to resume).",
         exit_on_error=False,
         default_env=False,
     )
@@ -179,6 +192,11 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
+    floats = {"learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio,
+              "max_grad_norm": cfg.max_grad_norm, "peak_tflops": cfg.peak_tflops,
+              "early_stopping.min_delta": cfg.early_stopping.min_delta}
+    for name, value in floats.items():
+        need(value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.max_steps is None or cfg.max_steps >= 1, f"max_steps must be >= 1 or null, got {cfg.max_steps}")
     need(cfg.per_device_batch_size >= 1, f"per_device_batch_size must be >= 1, got {cfg.per_device_batch_size}")

@@ -36,6 +36,58 @@ def load_split(data_dir: str | Path, split: str, manifest: dict):
     return ds
 
 
+VERIFY_HASH_MAX_TOKENS = 20_000_000  # verify_data: null hashes splits up to this size (~2 s per 10M tokens)
+
+
+def check_split_contract(data_dir: str | Path, split: str, ds, manifest: dict, vocab_size: int,
+                         type_vocab_size: int | None, verify_hash: bool | None) -> None:
+    """Refuse shards that would train for a while and then crash or silently mean something else: a label
+    outside the manifest's labels, a token id the model has no embedding for, and (when asked) rows that are
+    not the ones data_prep wrote. Min/max over the memory-mapped columns: one pass, nothing loaded per row."""
+    import pyarrow.compute as pc
+
+    where = Path(data_dir) / split
+    if ds.num_rows == 0:
+        return
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    num_labels = len(manifest["labels"])
+    labels = pc.min_max(table.column("label"))
+    if labels["min"].as_py() < 0 or labels["max"].as_py() >= num_labels:
+        row = _first_row(table.column("label").to_numpy(), lambda v: (v < 0) | (v >= num_labels))
+        raise DataPrepError(f"{where}: window {row} (id {table.column('id')[row].as_py()!r}) has label "
+                            f"{table.column('label')[row].as_py()}, outside the manifest's {num_labels} labels "
+                            f"(0..{num_labels - 1}); re-run data_prep")
+    values = pc.list_flatten(table.column("input_ids"))
+    tokens = pc.min_max(values)
+    if tokens["min"].as_py() is not None and (tokens["min"].as_py() < 0 or tokens["max"].as_py() >= vocab_size):
+        flat = values.to_numpy()
+        bad = _first_row(flat, lambda v: (v < 0) | (v >= vocab_size))
+        ends = np.cumsum(pc.list_value_length(table.column("input_ids")).to_numpy())
+        row = int(np.searchsorted(ends, bad, side="right"))
+        raise DataPrepError(f"{where}: token id {int(flat[bad])} (window {row}) is outside the model's vocabulary "
+                            f"of {vocab_size}; the shards were made for another tokenizer/model: re-run data_prep "
+                            "with this model's --tokenizer")
+    if type_vocab_size is not None and "token_type_ids" in table.column_names:
+        types = pc.min_max(pc.list_flatten(table.column("token_type_ids")))
+        if types["max"].as_py() is not None and types["max"].as_py() >= type_vocab_size:
+            raise DataPrepError(f"{where}: token type id {types['max'].as_py()} but the model has "
+                                f"{type_vocab_size} token types; this model cannot take these pairs")
+    tokens_total = manifest["splits"][split].get("tokens", 0)
+    if verify_hash or (verify_hash is None and tokens_total <= VERIFY_HASH_MAX_TOKENS):
+        from data_prep.shards import ContentHash
+
+        recorded = manifest["splits"][split].get("content_hash")
+        digest = ContentHash(ds.features.arrow_schema)
+        digest.update(table)
+        if recorded is not None and digest.hexdigest() != recorded:
+            raise DataPrepError(f"{where}: the shards' content hash differs from the manifest's (changed or damaged "
+                                "since data_prep); re-run data_prep (or set verify_data: false to train anyway)")
+
+
+def _first_row(values: np.ndarray, is_bad) -> int:
+    return int(np.flatnonzero(is_bad(values))[0])
+
+
 @dataclass
 class EpochPlan:
     """How an epoch is cut: every rank takes the same number of micro-batches, in whole optimizer steps."""

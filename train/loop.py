@@ -10,9 +10,11 @@ export.py, distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,12 +25,14 @@ import torch
 from data_prep.errors import DataPrepError
 from data_prep.prepare import read_manifest
 from data_prep.tokenizer import load_fast_tokenizer, resolve_pretrained_path, tokenizer_fingerprint
-from train import signals
+from train import run_lock, signals
 from train.checkpoint import (LoopState, latest_checkpoint, load_checkpoint, read_loop_state,
                               remove_partial_checkpoints, save_checkpoint)
-from train.config import EXIT_CONFIG_ERROR, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig, flat_hparams, parse_config, to_dict
+from train.config import (EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig,
+                          flat_hparams, parse_config, to_dict)
 from train.cpu_dropout import use_fast_cpu_dropout
-from train.data import WindowBatches, epoch_batches, eval_batches, load_split, make_loader, model_inputs, steps_per_epoch
+from train.data import (WindowBatches, check_split_contract, epoch_batches, eval_batches, load_split, make_loader,
+                        model_inputs, steps_per_epoch)
 from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint
 from train.evaluation import confusion_matrix_image, run_evaluation
 from train.export import export_model
@@ -49,6 +53,14 @@ def train(cfg: TrainConfig) -> int:
           f"mixed precision {accelerator.mixed_precision})", flush=True)
     if main and (hint := single_process_zero_hint(accelerator)):
         print(hint, flush=True)
+    # One run per output_dir: the main process locks it for the run's life; every rank learns the outcome, so
+    # a refused launch exits on all ranks at once (and writes nothing into the other run's folder).
+    lock_error = broadcast_from_main(accelerator, run_lock.acquire_run_lock(out) if main else None)
+    if lock_error:
+        raise ConfigError(lock_error)
+    if cfg.on_nonfinite == "skip_step" and is_deepspeed(accelerator):
+        raise ConfigError("on_nonfinite: skip_step is not possible under DeepSpeed (its engine steps inside "
+                          "backward); use on_nonfinite: stop")
 
     try:
         manifest = read_manifest(cfg.data)
@@ -77,6 +89,11 @@ def train(cfg: TrainConfig) -> int:
     accelerator.wait_for_everyone()
     torch.manual_seed(cfg.seed)  # same classifier-head init on every rank
     model = load_model(model_path, label_names, cfg.trust_remote_code, manifest["chunking"]["max_length"])
+    vocab = model.get_input_embeddings().num_embeddings
+    type_vocab = getattr(model.config, "type_vocab_size", None)
+    for split, ds in ((cfg.train_split, train_ds), (cfg.eval_split, eval_ds)):
+        if ds is not None:  # fail now, not with an index error some steps into training
+            check_split_contract(cfg.data, split, ds, manifest, vocab, type_vocab, cfg.verify_data)
     if cfg.fast_cpu_dropout and accelerator.device.type == "cpu":
         use_fast_cpu_dropout(model, cfg.cpu_kernels)  # PyTorch's CPU dropout sampler is ~20% of a step
     if cfg.cls_only_last_layer:
@@ -121,6 +138,11 @@ def train(cfg: TrainConfig) -> int:
     progress = make_progress(total_steps, state.global_step, main)
     stop_reason = None
     tracker = StepMeter(accelerator)
+    # fp16's loss scaler skips steps with inf gradients by design; DeepSpeed reports no usable norm per step.
+    watch_grad_norm = accelerator.mixed_precision != "fp16" and not is_deepspeed(accelerator)
+    nonfinite = NonFiniteWatch(accelerator)
+    skip_nonfinite = cfg.on_nonfinite == "skip_step" and watch_grad_norm
+    skipped = 0
 
     # ----------------------------------------------------------------------------------------- the loop
     while state.epoch < epochs and state.global_step < total_steps and stop_reason is None:
@@ -133,6 +155,7 @@ def train(cfg: TrainConfig) -> int:
         for _ in range(plan.steps - state.step_in_epoch):
             lr = lr_at_step(state.global_step + 1, total_steps, warmup, cfg.learning_rate)
             set_lr(optimizer, lr)
+            skip_step = False
             for _micro in range(gas):
                 batch = next(loader)
                 with accelerator.accumulate(model):
@@ -140,9 +163,21 @@ def train(cfg: TrainConfig) -> int:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = clip_or_measure(accelerator, model, cfg.max_grad_norm)
-                    optimizer.step()
+                        if skip_nonfinite:  # the norm is of the all-reduced gradients: every rank agrees
+                            skip_step = not math.isfinite(float(grad_norm))
+                        elif watch_grad_norm:
+                            nonfinite.add(grad_norm)
+                    if not skip_step:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                if not skip_nonfinite:
+                    nonfinite.add(loss.detach())
                 tracker.add(loss.detach(), len(batch["labels"]), batch["real_tokens"], batch["padded_tokens"])
+            if skip_step:
+                skipped += 1
+                if main:
+                    print(f"bertfit: step {state.global_step + 1}: non-finite gradient norm; step skipped "
+                          f"(on_nonfinite: skip_step; {skipped} in this launch)", flush=True)
             state.global_step += 1
             state.step_in_epoch += 1
             progress.update(1)
@@ -159,11 +194,13 @@ def train(cfg: TrainConfig) -> int:
                 if main:
                     append_history(out, {"step": state.global_step, "epoch": state.epoch, **logs})
                     progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                nonfinite.check(state.global_step)
 
             last_of_epoch = state.step_in_epoch == plan.steps
             done = state.global_step >= total_steps
             if eval_windows is not None and (last_of_epoch or done or (
                     cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0)):
+                nonfinite.check(state.global_step)  # never evaluate, let alone export, a diverged model
                 if evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_bs, label_names,
                                        state, info, out):
                     stop_reason = "early_stopped"
@@ -174,7 +211,9 @@ def train(cfg: TrainConfig) -> int:
                 state.step_in_epoch = 0
             if (last_of_epoch or done or requeue or stop_reason
                     or (cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0)):
-                path = save_checkpoint(accelerator, out, state, cfg.keep_last)
+                nonfinite.check(state.global_step)  # a checkpoint is something to resume from: finite only
+                with write_errors_as_one_line(f"checkpoint in {out / 'checkpoints'}"):
+                    path = save_checkpoint(accelerator, out, state, cfg.keep_last)
                 tracker.restart_clock()
                 if requeue:
                     return requeue_exit(accelerator, out, state, path)
@@ -183,7 +222,10 @@ def train(cfg: TrainConfig) -> int:
 
     # ------------------------------------------------------------------------------------------- finish
     if eval_windows is None:  # nothing to select on: the final model is the export
-        export_model(accelerator, model, tokenizer, out / "best", {**info, "step": state.global_step, "metrics": {}})
+        nonfinite.check(state.global_step)
+        with write_errors_as_one_line(f"export to {out / 'best'}"):
+            export_model(accelerator, model, tokenizer, out / "best",
+                         {**info, "step": state.global_step, "metrics": {}})
     progress.close()
     accelerator.end_training()
     print(f"bertfit: rank {rank} finished at step {state.global_step} ({stop_reason or 'completed'})", flush=True)
@@ -193,6 +235,7 @@ def train(cfg: TrainConfig) -> int:
         print(f"bertfit: {stop_reason or 'completed'} at step {state.global_step}; best "
               f"{cfg.early_stopping.metric}={state.best_metric} at step {state.best_step}; model: {out / 'best'}",
               flush=True)
+        run_lock.release_run_lock(out)
     return EXIT_OK
 
 
@@ -212,6 +255,63 @@ def load_model(model_path: str, label_names: list[str], trust_remote_code: bool,
         raise ConfigError(f"model {model_path}: {positions} positions, but the shards hold windows of up to "
                           f"{max_length} tokens; re-run data_prep with --max-length {positions}")
     return model
+
+
+def broadcast_from_main(accelerator, value):
+    """The main process's value on every rank (any picklable object)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+# What a failed write looks like from the libraries a save goes through (safetensors' Rust errors, torch.save's
+# RuntimeError): these become one error line; anything else is a bug and keeps its traceback.
+_WRITE_FAILURE = re.compile(r"os error \d+|No space left|Read-only file system|Permission denied|quota|"
+                            r"file write failed|failed writing", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def write_errors_as_one_line(what: str):
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        if not _WRITE_FAILURE.search(str(exc)):
+            raise
+        raise OSError(f"{what}: cannot write ({str(exc).strip().splitlines()[0]})") from None
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient norm under on_nonfinite: stop."""
+
+
+class NonFiniteWatch:
+    """Counts non-finite losses and gradient norms on the device and reads the count (one host sync, reduced over
+    ranks so all stop together) only where something is about to be logged, evaluated, saved or exported: a
+    clean run pays nothing extra per step, and nothing non-finite is ever written."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.count = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+
+    def add(self, value) -> None:
+        if value is None:  # DeepSpeed may report no norm
+            return
+        value = value if torch.is_tensor(value) else torch.tensor(float(value))
+        self.count += (~torch.isfinite(value.float())).sum().to(self.count.device)
+
+    def check(self, step: int) -> None:
+        count = self.count
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count.clone(), reduction="sum")
+        if count.item():
+            raise TrainingDiverged(
+                f"non-finite loss or gradient norm at or before step {step}; stopped (on_nonfinite: stop). The "
+                "checkpoints and best model from before it are kept. Lower learning_rate, set max_grad_norm, "
+                "check the data, or set on_nonfinite: skip_step")
 
 
 def check_early_stopping_metric(cfg: TrainConfig, label_names: list[str]) -> None:
@@ -300,8 +400,9 @@ def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_b
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
     es = cfg.early_stopping
     value = metrics[es.metric]
-    improved = state.best_metric is None or (
-        value > state.best_metric + es.min_delta if es.mode == "max" else value < state.best_metric - es.min_delta)
+    # A NaN metric (a model whose outputs are not finite) never becomes the best model.
+    improved = math.isfinite(value) and math.isfinite(metrics["doc_loss"]) and (state.best_metric is None or (
+        value > state.best_metric + es.min_delta if es.mode == "max" else value < state.best_metric - es.min_delta))
     # Decide once, on the main process, and share it: every rank must take the same branch below.
     decision = torch.tensor([float(improved)], device=accelerator.device)
     if accelerator.num_processes > 1:
@@ -311,8 +412,9 @@ def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_b
     improved = bool(decision.item())
     if improved:
         state.best_metric, state.best_step, state.bad_evals = value, state.global_step, 0
-        export_model(accelerator, model, tokenizer, out / "best",
-                     {**info, "step": state.global_step, "metrics": metrics})
+        with write_errors_as_one_line(f"export to {out / 'best'}"):
+            export_model(accelerator, model, tokenizer, out / "best",
+                         {**info, "step": state.global_step, "metrics": metrics})
     else:
         state.bad_evals += 1
     if accelerator.is_main_process:
@@ -390,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     # First thing: a SIGUSR1/SIGTERM during the (long) setup must not kill the process before it can checkpoint;
     # the flag is checked at the first step boundary.
     signals.install_stop_handlers()
+    run_lock.die_with_launcher()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output_dir = None
     try:
@@ -397,12 +500,26 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = cfg.output_dir
         return train(cfg)
     except (ConfigError, DataPrepError) as exc:
-        if os.environ.get("RANK", "0") == "0":  # the same error on every rank: say it once
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            output_dir = output_dir or getattr(exc, "output_dir", None)
-            if output_dir and Path(output_dir).is_dir():  # so a batch script never acts on an older status
-                try:
-                    write_status(Path(output_dir), "failed", 0, error=str(exc))
-                except OSError:
-                    pass
-        return EXIT_CONFIG_ERROR
+        return fail(str(exc), output_dir or getattr(exc, "output_dir", None), EXIT_CONFIG_ERROR)
+    except TrainingDiverged as exc:
+        return fail(str(exc), output_dir, EXIT_NONFINITE)
+    except OSError as exc:  # a full disk, a folder made read-only or removed under the run, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        return fail(f"{where}{exc.strerror or exc}", output_dir, EXIT_CONFIG_ERROR)
+
+
+def fail(message: str, output_dir: str | None, code: int) -> int:
+    """One error line (once, from rank 0: every rank fails the same way) and a "failed" run status, so a batch
+    script never acts on an older one; but never into a folder another live run holds."""
+    if os.environ.get("RANK", "0") == "0":
+        from tqdm.auto import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # end a progress line first: the error gets its own
+            bar.close()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if output_dir and Path(output_dir).is_dir() and run_lock.lock_is_free_or_ours(output_dir):
+            try:
+                write_status(Path(output_dir), "failed", 0, error=message)
+            except OSError:
+                pass
+    return code
