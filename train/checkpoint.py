@@ -70,7 +70,7 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, without reading its files (auto-resume uses latest_usable_checkpoint)."""
+    """The newest complete checkpoint, its files not verified (auto-resume uses latest_usable_checkpoint)."""
     done = complete_checkpoints(output_dir)
     return done[-1] if done else None
 
