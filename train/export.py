@@ -66,6 +66,65 @@ def _set_config_dtype(model, folder: Path, dtype: torch.dtype) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# Window settings an export must record: without them predict would window differently than training did.
+_REQUIRED_CHUNKING = ("max_length", "chunk_size", "stride")
+_OPTIONAL_CHUNKING = ("min_chunk_tokens", "max_text_tokens", "max_chunks_per_doc")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; ValueError with a one-line reason (file name, what is wrong)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path.name} is not UTF-8 text (byte offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") \
+            from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name}: expected a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_export_info(model_dir: str | Path) -> dict:
+    """The export's bertfit.json ({} if the folder has none), checked field by field so that a damaged file
+    is one error naming the key rather than a KeyError/TypeError deep inside predict. Raises ValueError."""
     path = Path(model_dir) / EXPORT_INFO
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    info = read_json_object(path)
+    for key in ("labels", "chunking"):
+        if key not in info:
+            raise ValueError(f"{EXPORT_INFO}: missing key {key!r}")
+    labels = info["labels"]
+    if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+            or len(set(labels)) != len(labels)):
+        raise ValueError(f"{EXPORT_INFO}: 'labels' must be a non-empty list of distinct strings, got "
+                         f"{_json_type(labels) if not isinstance(labels, list) else json.dumps(labels)[:80]}")
+    chunking = info["chunking"]
+    if not isinstance(chunking, dict):
+        raise ValueError(f"{EXPORT_INFO}: 'chunking' must be an object, got {_json_type(chunking)}")
+    for key in _REQUIRED_CHUNKING + _OPTIONAL_CHUNKING:
+        value = chunking.get(key)
+        if value is None and key in _OPTIONAL_CHUNKING:
+            continue
+        if value is None and key not in chunking:
+            raise ValueError(f"{EXPORT_INFO}: missing key 'chunking.{key}'")
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{EXPORT_INFO}: 'chunking.{key}' must be a positive integer, got {json.dumps(value)}")
+    choices = {"pooling": ("mean", "max"), "task": ("single", "pair")}
+    for key, allowed in choices.items():
+        if key in info and info[key] not in allowed:
+            raise ValueError(f"{EXPORT_INFO}: {key!r} must be one of {', '.join(allowed)}, got {json.dumps(info[key])}")
+    fingerprint = info.get("tokenizer_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise ValueError(f"{EXPORT_INFO}: 'tokenizer_fingerprint' must be a string, got {_json_type(fingerprint)}")
+    return info
