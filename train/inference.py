@@ -3,16 +3,15 @@ windows in length-sorted batches across documents (never one forward pass per wh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
-from data_prep.tokenizer import special_token_template
+from data_prep.tokenizer import special_token_template, tokenizer_fingerprint
 from train.data import collate_windows
-from train.export import EXPORT_INFO
+from train.export import EXPORT_INFO, read_export_info, read_json_object
 from train.last_layer import cls_only_last_layer
 
 
@@ -20,37 +19,108 @@ class InferenceError(Exception):
     """Bad model folder or input; one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_positive(options: dict[str, int | None]) -> None:
+    """Refuse a non-positive size option ({'--batch-size': 0}) before anything is loaded: a negative batch size
+    makes ``range`` empty and every logit stays 0 (silently wrong), zero is a ValueError deep inside."""
+    for option, value in options.items():
+        if value is not None and value < 1:
+            raise InferenceError(f"{option} {value}: must be >= 1")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The torch device for --device (cuda if available when None); one line for a misspelled or absent one,
+    instead of a RuntimeError (or a CUDA init traceback) when the model is moved."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InferenceError(f"--device {device}: unknown device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InferenceError(f"--device {device}: not available (torch sees no CUDA device); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise InferenceError(f"--device {device}: not available (torch sees {count} CUDA device(s): "
+                                 f"cuda:0 to cuda:{count - 1})")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InferenceError(f"--device {device}: not available (no Apple MPS device); use --device cpu")
+        return dev
+    raise InferenceError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint[:len("sha256:") + 12]
+
+
 def load_export(model_dir: str | Path, device: str | None = None):
-    """(model in eval mode, tokenizer, info) from an exported folder. info holds labels, chunking and pooling."""
+    """(model in eval mode, tokenizer, info) from an exported folder. info holds labels, chunking, pooling and
+    max_positions (the model's position embeddings: the longest window it can take)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    torch_device = resolve_device(device)  # before the (slower) load, and names --device rather than the model
     path = Path(model_dir)
     if not path.is_dir():
         raise InferenceError(f"--model {model_dir}: no such folder")
     if not (path / "config.json").exists():
         raise InferenceError(f"--model {model_dir}: no config.json; expected a folder written by bertfit's export "
                              "(output_dir/best) or save_pretrained")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = read_json_object(path / "config.json")
+        info = read_export_info(path)
+    except ValueError as exc:
+        raise InferenceError(f"--model {model_dir}: {exc}") from None
     id2label = config.get("id2label") or {}
-    info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).exists() else {}
+    if not isinstance(id2label, dict):
+        raise InferenceError(f"--model {model_dir}: config.json: 'id2label' must be an object")
     labels = info.get("labels")
     if not labels and id2label and not all(v == f"LABEL_{k}" for k, v in id2label.items()):
-        labels = [id2label[str(i)] for i in range(len(id2label))]
+        try:
+            labels = [str(id2label[str(i)]) for i in range(len(id2label))]
+        except KeyError as exc:
+            raise InferenceError(f"--model {model_dir}: config.json: 'id2label' has no key {exc}; expected keys "
+                                 f"0 to {len(id2label) - 1}") from None
     if not labels:
         raise InferenceError(f"--model {model_dir}: no label maps (no {EXPORT_INFO} and config.json has only "
                              "default LABEL_<n> names); export the model with bertfit's train")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as exc:  # transformers raises many kinds; the user needs one line
+        raise InferenceError(f"--model {model_dir}: cannot load the tokenizer: {first_line(exc)}") from None
+    if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise InferenceError(f"--model {model_dir}: a fast (Rust) tokenizer is required, got "
+                             f"{type(tokenizer).__name__}")
+    recorded = info.get("tokenizer_fingerprint")
+    if recorded:  # exports written before the fingerprint was recorded are taken as they are
+        actual = tokenizer_fingerprint(tokenizer)
+        if actual != recorded:  # a swapped tokenizer gives other ids: silently different predictions
+            raise InferenceError(f"--model {model_dir}: its tokenizer is not the one the model was trained with "
+                                 f"(fingerprint {_short(actual)}..., {EXPORT_INFO} records {_short(recorded)}...); "
+                                 "restore the export's tokenizer files")
+    try:
         model = AutoModelForSequenceClassification.from_pretrained(path)
     except Exception as exc:
-        raise InferenceError(f"--model {model_dir}: cannot load: {str(exc).splitlines()[0]}") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+        raise InferenceError(f"--model {model_dir}: cannot load the model: {first_line(exc)}") from None
+    if len(labels) != model.config.num_labels:
+        raise InferenceError(f"--model {model_dir}: {len(labels)} labels in {EXPORT_INFO}, but the classifier has "
+                             f"{model.config.num_labels} outputs")
+    model.to(torch_device).eval()
     cls_only_last_layer(model)  # same logits, the last layer computed for the first token only
     info = {"labels": labels, "pooling": info.get("pooling", "mean"), "task": info.get("task", "single"),
-            "chunking": info.get("chunking"), **{k: v for k, v in info.items() if k not in ("labels",)}}
+            "chunking": info.get("chunking"), **{k: v for k, v in info.items() if k not in ("labels",)},
+            "max_positions": getattr(model.config, "max_position_embeddings", None)}
     return model, tokenizer, info
 
 
@@ -58,9 +128,17 @@ def chunk_settings(tokenizer, info: dict, chunk_size=None, stride=None, max_leng
     """The window settings the model was trained with, with optional overrides."""
     saved = dict(info.get("chunking") or {})
     template = special_token_template(tokenizer)
+    positions = info.get("max_positions")
     if max_length is not None:
+        if positions is not None and max_length > positions:  # else an index error inside the embeddings
+            raise InferenceError(f"--max-length {max_length}: the model has only {positions} positions "
+                                 "(max_position_embeddings)")
         saved["max_length"] = max_length
-    saved.setdefault("max_length", min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512))
+    saved.setdefault("max_length", min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512,
+                                       positions or 512))
+    if positions is not None and saved["max_length"] > positions:
+        raise InferenceError(f"{EXPORT_INFO}: chunking.max_length {saved['max_length']} exceeds the model's "
+                             f"{positions} positions (max_position_embeddings); give a smaller --max-length")
     room = saved["max_length"] - template.num_single
     if chunk_size is not None:
         saved["chunk_size"] = chunk_size
