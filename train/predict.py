@@ -11,6 +11,7 @@ evaluation. Memory stays flat however long a document is: only --batch-size wind
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import io
 import itertools
@@ -24,7 +25,8 @@ import numpy as np
 from data_prep.errors import DataPrepError
 from data_prep.readers import Source, detect_format, is_missing, iter_rows, source_columns
 from train.evaluation import pool_document_logits
-from train.inference import InferenceError, chunk_settings, forward_windows, load_export, window_documents
+from train.inference import (InferenceError, check_positive, chunk_settings, forward_windows, load_export,
+                             window_documents)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 def iter_documents(args) -> tuple[list[str] | None, object]:
     """(pair column used or None, iterator of (id, text, pair_text))."""
     encodings = tuple(e.strip() for e in args.encoding.split(",") if e.strip())
+    if not encodings:
+        raise InferenceError(f"--encoding {args.encoding!r}: give at least one encoding, e.g. utf-8,latin-1")
+    for encoding in encodings:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise InferenceError(f"--encoding {encoding}: unknown encoding") from None
     if args.input == "-":
-        lines = [line.rstrip("\n") for line in io.TextIOWrapper(sys.stdin.buffer, encoding=encodings[0])]
+        text = decode_stdin(sys.stdin.buffer.read(), encodings)
+        lines = [line.rstrip("\n") for line in io.StringIO(text, newline=None)]  # \n, \r\n, \r: as TextIOWrapper
         docs = [(str(i), line, None) for i, line in enumerate(lines, 1) if line.strip()]
         return None, iter(docs)
     path = Path(args.input)
@@ -99,6 +109,11 @@ def iter_documents(args) -> tuple[list[str] | None, object]:
 
     def rows():
         for n, (loc, record) in enumerate(iter_rows(source, list(dict.fromkeys(wanted)), encodings), 1):
+            # JSONL rows are whole objects: the columns were read off the first one, a later one may lack a key
+            for column, option in ((args.text_column, "--text-column"), (pair_col, "--text-pair-column"),
+                                   (id_col, "--id-column")):
+                if column is not None and column not in record:
+                    raise InferenceError(f"{loc}: no key {column!r} ({option})")
             text = record[args.text_column]
             if is_missing(text):
                 raise InferenceError(f"{loc}: empty text in column {args.text_column!r}")
@@ -106,6 +121,33 @@ def iter_documents(args) -> tuple[list[str] | None, object]:
             yield (str(record[id_col]) if id_col else str(n)), str(text), (str(pair) if pair is not None else None)
 
     return pair_col, rows()
+
+
+def decode_stdin(data: bytes, encodings: tuple[str, ...]) -> str:
+    """Standard input decoded with the first of ``encodings`` that decodes all of it (like pick_encoding does
+    for files); else one line naming the line and byte offset of the first bad byte."""
+    first_error = None
+    for encoding in encodings:
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            first_error = first_error or exc
+    offset = first_error.start
+    line = data.count(b"\n", 0, offset) + 1
+    raise InferenceError(f"stdin: line {line}: not valid {', '.join(encodings)} at byte offset {offset} "
+                         f"(0x{data[offset]:02x}); pass --encoding (e.g. --encoding utf-8,latin-1) if the input "
+                         "uses another encoding")
+
+
+def check_output(output: str) -> None:
+    """--output must be a file name in an existing folder; checked before the model is loaded."""
+    if output == "-":
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise InferenceError(f"--output {output}: is a folder; give a file name (.csv or .jsonl)")
+    if not path.parent.is_dir():
+        raise InferenceError(f"--output {output}: folder {path.parent} does not exist")
 
 
 def blocks(docs, size: int):
@@ -134,7 +176,10 @@ def write_rows(args, labels: list[str], results) -> int:
     out_path = None if args.output == "-" else Path(args.output)
     as_jsonl = out_path is not None and out_path.suffix.lower() in (".jsonl", ".json")
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}" if out_path else None
-    fh = open(tmp, "w", newline="", encoding="utf-8") if tmp else sys.stdout
+    try:
+        fh = open(tmp, "w", newline="", encoding="utf-8") if tmp else sys.stdout
+    except OSError as exc:
+        raise InferenceError(f"--output {args.output}: cannot write: {exc.strerror or exc}") from None
     n = 0
     try:
         writer = None if as_jsonl else csv.writer(fh)
@@ -168,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
-        if args.batch_size < 1 or args.docs_per_block < 1:
-            raise InferenceError("--batch-size and --docs-per-block must be >= 1")
+        check_positive({"--batch-size": args.batch_size, "--docs-per-block": args.docs_per_block,
+                        "--max-length": args.max_length, "--chunk-size": args.chunk_size, "--stride": args.stride})
+        check_output(args.output)
         model, tokenizer, info = load_export(args.model, args.device)
         settings = chunk_settings(tokenizer, info, args.chunk_size, args.stride, args.max_length)
         pooling = args.pooling or info["pooling"]
