@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from data_prep.prepare import read_manifest
 from data_prep.tokenizer import tokenizer_fingerprint
 from train.data import load_split
 from train.evaluation import confusion_matrix_image, pool_document_logits, score
-from train.inference import InferenceError, forward_windows, load_export
+from train.inference import InferenceError, check_positive, forward_windows, load_export
 
 
 def classification_report(probs: np.ndarray, labels: np.ndarray, label_names: list[str]) -> str:
@@ -57,49 +58,102 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass. Default: 64")
     p.add_argument("--device", default=None, help="cpu, cuda, ... Default: cuda if available")
     args = p.parse_args(argv)
+    out = Path(args.output_dir or Path(args.model) / f"eval-{args.split}")
     try:
+        check_positive({"--batch-size": args.batch_size})
+        if out.exists() and not out.is_dir():
+            raise InferenceError(f"--output-dir {out}: is a file, not a folder")
         model, tokenizer, info = load_export(args.model, args.device)
         manifest = read_manifest(args.data)
-        if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
-            raise InferenceError(f"--data {args.data} was prepared with another tokenizer "
-                                 f"({manifest['tokenizer']['name_or_path']}) than the model's")
+        check_same_tokenizer(args.data, manifest, info.get("tokenizer_fingerprint") or tokenizer_fingerprint(tokenizer))
         if manifest["labels"] != info["labels"]:
             raise InferenceError(f"--data {args.data} has labels {manifest['labels']}, the model {info['labels']}")
+        if args.split not in manifest["splits"]:
+            raise InferenceError(f"--split {args.split}: no such split in --data {args.data}; available splits: "
+                                 f"{', '.join(manifest['splits'])}")
         ds = load_split(args.data, args.split, manifest)
         pooling = args.pooling or info["pooling"]
         types = ds["token_type_ids"] if "token_type_ids" in ds.column_names else None
         logits = forward_windows(model, ds["input_ids"], types, tokenizer.pad_token_id, args.batch_size)
         labels, doc_ids = np.asarray(ds["label"]), np.asarray(ds["doc_id"])
         metrics, matrix = score(logits, labels, doc_ids, info["labels"], pooling)
+        metrics = {"split": args.split, "pooling": pooling, **metrics}
+        ids, doc_probs = pool_document_logits(logits, doc_ids, pooling)
+        first = {d: i for i, d in reversed(list(enumerate(doc_ids)))}
+        doc_labels = labels[[first[d] for d in ids]]
+        names = np.asarray(ds["id"])[[first[d] for d in ids]]
+        report = classification_report(doc_probs, doc_labels, info["labels"])
+        # Every report is made in memory first, then all are written under temporary names and renamed: an
+        # error part-way leaves the folder as it was, never a metrics.json beside a stale predictions.csv.
+        files = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
+                 "classification_report.txt": report.encode(),
+                 "confusion_matrix.png": png_bytes(confusion_matrix_image(matrix, info["labels"])),
+                 "predictions.csv": predictions_csv(names, doc_labels, doc_probs, info["labels"])}
+        write_files_atomically(out, files)
     except (InferenceError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.output_dir or Path(args.model) / f"eval-{args.split}")
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = {"split": args.split, "pooling": pooling, **metrics}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    ids, doc_probs = pool_document_logits(logits, doc_ids, pooling)
-    first = {d: i for i, d in reversed(list(enumerate(doc_ids)))}
-    doc_labels = labels[[first[d] for d in ids]]
-    names = np.asarray(ds["id"])[[first[d] for d in ids]]
-    report = classification_report(doc_probs, doc_labels, info["labels"])
-    (out / "classification_report.txt").write_text(report)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.imsave(out / "confusion_matrix.png", confusion_matrix_image(matrix, info["labels"]))
-    with open(out / "predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "label", "predicted", *[f"prob_{n}" for n in info["labels"]]])
-        for name, y, pr in zip(names, doc_labels, doc_probs):
-            w.writerow([name, info["labels"][y], info["labels"][int(pr.argmax())], *[f"{x:.6f}" for x in pr]])
     print(f"documents ({int(metrics['num_docs'])}, {pooling} pooling over {int(metrics['num_windows'])} windows):")
     print(report)
     print(f"evaluate: doc_accuracy={metrics['doc_accuracy']:.4f} doc_f1_macro={metrics['doc_f1_macro']:.4f} "
           f"window_accuracy={metrics['window_accuracy']:.4f} -> {out}")
     return 0
+
+
+def check_same_tokenizer(data_dir: str, manifest: dict, model_fingerprint: str) -> None:
+    """The shards hold token ids: they mean the same to the model only if made by the model's tokenizer."""
+    tokenizer = manifest["tokenizer"] if isinstance(manifest["tokenizer"], dict) else {}
+    data_fingerprint = tokenizer.get("fingerprint")
+    if not isinstance(data_fingerprint, str):
+        raise InferenceError(f"--data {data_dir}: manifest.json records no tokenizer fingerprint; re-run data_prep")
+    if data_fingerprint != model_fingerprint:
+        raise InferenceError(f"--data {data_dir} was prepared with another tokenizer "
+                             f"({tokenizer.get('name_or_path', '?')}, fingerprint {data_fingerprint[:19]}...) than "
+                             f"the model's (fingerprint {model_fingerprint[:19]}...)")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    plt.imsave(buffer, image, format="png")
+    return buffer.getvalue()
+
+
+def predictions_csv(names, doc_labels, doc_probs, label_names: list[str]) -> bytes:
+    buffer = io.StringIO(newline="")
+    w = csv.writer(buffer)
+    w.writerow(["id", "label", "predicted", *[f"prob_{n}" for n in label_names]])
+    for name, y, pr in zip(names, doc_labels, doc_probs):
+        w.writerow([name, label_names[y], label_names[int(pr.argmax())], *[f"{x:.6f}" for x in pr]])
+    return buffer.getvalue().encode()
+
+
+def write_files_atomically(out: Path, files: dict[str, bytes]) -> None:
+    """Write every file under a temporary name in ``out``, then rename them all; on any error remove the
+    temporary files (and ``out`` if this call created it)."""
+    for name in files:  # the one likely reason a rename fails half-way through: check it first
+        if (out / name).is_dir():
+            raise InferenceError(f"--output-dir {out}: {name} is a folder; cannot write the report there")
+    created = not out.exists()
+    temporary = {name: out / f".{name}.tmp-{os.getpid()}" for name in files}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            temporary[name].write_bytes(data)
+        for name in files:
+            os.replace(temporary[name], out / name)
+    except BaseException as exc:  # also Ctrl-C: no temporary file is left behind
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if isinstance(exc, OSError):
+            raise InferenceError(f"--output-dir {out}: cannot write: {exc.strerror or exc}") from None
+        raise
 
 
 if __name__ == "__main__":
