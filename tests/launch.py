@@ -139,3 +139,11 @@ def final_weights(out: Path) -> bytes:
     ckpt = latest_checkpoint(out)
     assert ckpt is not None, f"no checkpoint in {out}"
     return (ckpt / "model.safetensors").read_bytes()
+
+
+def assert_no_worker_traceback(text: str) -> None:
+    """No trainer printed a traceback. The launcher's own report of a failed worker (accelerate/torchrun end
+    with a ChildFailedError traceback whenever a worker exits non-zero, as the README says) is allowed."""
+    tracebacks = text.count("Traceback (most recent call last)")
+    launcher_reports = text.count("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+    assert tracebacks <= launcher_reports, text[-3000:]

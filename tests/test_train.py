@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
-from tests.launch import (ROOT, assert_two_ranks, eval_records, final_weights, kill_tree, ranks, run,
+from tests.launch import (ROOT, assert_no_worker_traceback, assert_two_ranks, eval_records, final_weights, kill_tree, ranks, run,
                           start, tail, train_command, train_env, train_records, trainer_processes, wait_for_step,
                           write_config)
 from train.checkpoint import complete_checkpoints, latest_checkpoint
@@ -333,3 +334,95 @@ def test_help_explains_every_field():
         assert f"--early_stopping.{f.name}" in text, f.name
     assert "Windows per forward pass on each process" in text  # field docs are shown, not just names
     assert "75" in text  # the requeue exit code is documented
+
+
+# ------------------------------------------------------------------------------ launcher death, one run per dir
+@pytest.mark.slow
+def test_sigkilled_launcher_takes_its_workers_and_the_relaunch_resumes_bit_identically(tmp_path, reference):
+    """torch elastic starts workers in their own sessions: without a parent-death signal, SIGKILL on
+    `accelerate launch` left both trainers running beside the relaunch."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.yaml", **dict(reference["cfg"], output_dir=str(out)))
+    log = tmp_path / "run.log"
+    proc = start(train_command(config), log, train_env(tmp_path))
+    wait_for_step(out, 7, proc)
+    workers = trainer_processes(proc)
+    assert len(workers) == 2, tail(log)
+    proc.kill()  # the launcher only, not its process tree
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"trainer processes outlived their launcher: {[p.pid for p in alive]}"
+    resume_from = latest_checkpoint(out)
+    assert resume_from is not None
+    rc = run(train_command(config), log, train_env(tmp_path))
+    assert rc == 0, tail(log)
+    assert f"resumed from {resume_from}" in log.read_text()
+    assert_two_ranks(log)
+    assert_same_run(reference["out"], out, int(resume_from.name.split("-")[1]))
+
+
+@pytest.mark.slow
+def test_second_launch_on_a_busy_output_dir_is_refused_and_the_first_run_is_untouched(tmp_path, reference):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.yaml", **dict(reference["cfg"], output_dir=str(out)))
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    # the first run waits inside its step-5 save until the second launch is over (a tiny run ends in seconds)
+    saving, go_on = tmp_path / "saving-step-5", tmp_path / "go-on"
+    hook = tmp_path / "waiting_train.py"
+    hook.write_text(textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import train.loop
+        real = train.loop.save_checkpoint
+        def save(accelerator, output_dir, state, keep_last):
+            if state.global_step == 5:
+                Path({str(saving)!r}).touch()
+                while not Path({str(go_on)!r}).exists():
+                    time.sleep(0.05)
+            return real(accelerator, output_dir, state, keep_last)
+        train.loop.save_checkpoint = save
+        sys.exit(train.loop.main())
+    """))
+    cmd = train_command(config)
+    cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(hook)]
+    first = start(cmd, first_log, train_env(tmp_path))
+    deadline = time.time() + 240
+    while not saving.exists():
+        assert first.poll() is None and time.time() < deadline, tail(first_log)
+        time.sleep(0.05)
+    holder = [p.pid for p in psutil.Process(first.pid).children(recursive=True)]
+    rc = run(train_command(config), second_log, train_env(tmp_path), timeout=240)
+    go_on.touch()
+    assert rc != 0, tail(second_log)
+    text = second_log.read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is in use by another bertfit run" in errors[0], tail(second_log)
+    assert any(f"pid {pid}" in errors[0] for pid in holder), (errors, holder)
+    assert_no_worker_traceback(text)
+    assert_two_ranks(second_log)  # it really was a 2-process launch, refused on both ranks
+    assert first.wait(timeout=600) == 0, tail(first_log)
+    assert json.loads((out / "run_status.json").read_text())["state"] == "completed"
+    assert_same_run(reference["out"], out, 0)
+
+
+@pytest.mark.slow
+def test_auto_resume_passes_over_a_damaged_newest_checkpoint_and_stays_bit_identical(tmp_path, reference):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "run.yaml", **dict(reference["cfg"], output_dir=str(out)))
+    log = tmp_path / "run.log"
+    proc = start(train_command(config), log, train_env(tmp_path))
+    wait_for_step(out, 12, proc)
+    kill_tree(proc)
+    newest, previous = complete_checkpoints(out)[-2:][::-1]
+    weights = newest / "model.safetensors"
+    damaged = weights.read_bytes()[: weights.stat().st_size // 2]
+    weights.write_bytes(damaged)  # a truncated file, as a full disk or a bad copy leaves it
+    rc = run(train_command(config), log, train_env(tmp_path))
+    assert rc == 0, tail(log)
+    text = log.read_text()
+    assert (f"bertfit: checkpoint checkpoints/{newest.name} is damaged (model.safetensors: {len(damaged)} bytes"
+            in text), tail(log)
+    assert f"resuming from checkpoints/{previous.name} instead" in text
+    assert f"resumed from {previous}" in text
+    assert_two_ranks(log)
+    assert_same_run(reference["out"], out, int(previous.name.split("-")[1]))

@@ -26,8 +26,8 @@ from data_prep.errors import DataPrepError
 from data_prep.prepare import read_manifest
 from data_prep.tokenizer import load_fast_tokenizer, resolve_pretrained_path, tokenizer_fingerprint
 from train import run_lock, signals
-from train.checkpoint import (LoopState, latest_checkpoint, load_checkpoint, read_loop_state,
-                              remove_partial_checkpoints, save_checkpoint)
+from train.checkpoint import (LoopState, latest_usable_checkpoint, load_checkpoint, remove_partial_checkpoints,
+                              save_checkpoint, verify_checkpoint)
 from train.config import (EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig,
                           flat_hparams, parse_config, to_dict)
 from train.cpu_dropout import use_fast_cpu_dropout
@@ -110,7 +110,10 @@ def train(cfg: TrainConfig) -> int:
 
     # ------------------------------------------------------------------------------------------- resume
     state = LoopState(world_size=world, seed=cfg.seed)
-    resume_from = pick_resume(cfg, out)
+    # The main process verifies (checksums: one read of the checkpoint) and every rank resumes from its choice.
+    resume_from, resume_error = broadcast_from_main(accelerator, pick_resume(cfg, out) if main else (None, None))
+    if resume_error:
+        raise ConfigError(resume_error)
     if main:
         removed = remove_partial_checkpoints(out)
         if removed:
@@ -325,18 +328,24 @@ def check_early_stopping_metric(cfg: TrainConfig, label_names: list[str]) -> Non
         raise ConfigError("early_stopping.patience needs an eval_split")
 
 
-def pick_resume(cfg: TrainConfig, out: Path) -> Path | None:
+def pick_resume(cfg: TrainConfig, out: Path) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume from or None, or a one-line reason the run cannot start). resume: auto takes the
+    newest checkpoint that verifies, and says which damaged ones it passed over (it deletes none of them)."""
     choice = cfg.resume.strip()
     if choice == "none":
-        return None
+        return None, None
     if choice == "auto":
-        return latest_checkpoint(out)
-    path = Path(choice)
-    try:
-        read_loop_state(path)
-    except (OSError, ValueError, TypeError):
-        raise ConfigError(f"resume {choice}: not a complete bertfit checkpoint (no readable loop_state.json)") from None
-    return path
+        path, notices = latest_usable_checkpoint(out)
+        for notice in notices:
+            print(notice, flush=True)
+        if path is None and notices:
+            return None, (f"output_dir {out}: no checkpoint verifies (see above); move the damaged ones away to "
+                          "start afresh, or set resume: none")
+        return path, None
+    reason = verify_checkpoint(choice)
+    if reason:
+        return None, f"resume {choice}: not a usable bertfit checkpoint ({reason})"
+    return Path(choice), None
 
 
 def clip_or_measure(accelerator, model, max_grad_norm: float | None):
