@@ -15,11 +15,13 @@ import json
 import lzma
 import math
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.errors import DataPrepError
+from data_prep.errors import DataPrepError, one_line
+from data_prep.splits import check_split_name
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "folder", "saved")
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -77,7 +79,13 @@ def expand_sources(inputs: list[tuple[str | None, Path]], fmt: str) -> list[Sour
         if f not in ("folder", "saved") and path.is_dir():
             raise DataPrepError(f"--input {path}: is a folder, but format {f!r} needs a file")
         if f == "saved" and (path / "dataset_dict.json").exists():
-            keys = json.loads((path / "dataset_dict.json").read_text())["splits"]
+            index = path / "dataset_dict.json"
+            try:
+                keys = json.loads(index.read_text())["splits"]
+            except Exception as exc:
+                raise DataPrepError(f"{index}: not a readable DatasetDict index: {one_line(exc)}") from None
+            for key in keys:  # each becomes a folder under --output
+                check_split_name(key, str(index))
             if split is not None:
                 raise DataPrepError(f"--input {split}={path}: a saved DatasetDict carries its own splits "
                                     f"({', '.join(keys)}); give it without SPLIT=")
@@ -93,21 +101,37 @@ def _open_binary(path: Path):
     return opener(path, "rb")
 
 
+# What reading raises for a compressed file cut short or damaged (bz2 raises an OSError without errno).
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def read_problem(path: Path, exc: BaseException) -> str:
+    """Why a file could not be read, in a few words: a damaged compressed file, or the exception itself."""
+    suffix = path.suffix.lower()
+    if suffix in _COMPRESSED and isinstance(exc, _READ_ERRORS) and not getattr(exc, "errno", None):
+        return f"truncated or corrupt {suffix} file ({one_line(exc)})"
+    return one_line(exc)
+
+
 def check_encoding(path: Path, encoding: str) -> tuple[int, int] | None:
-    """None if the file decodes; else (byte offset, byte value) of the first bad byte (decompressed stream)."""
+    """None if the file decodes; else (byte offset, byte value) of the first bad byte (decompressed stream).
+    This is the first full read of every CSV/TSV/JSONL file, so a damaged compressed file shows here."""
     decoder = codecs.getincrementaldecoder(encoding)("strict")
     offset = 0
-    with _open_binary(path) as fh:
-        while block := fh.read(1 << 20):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                return offset + exc.start, block[exc.start]
-            offset += len(block)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError as exc:
-            return offset + exc.start, -1
+    try:
+        with _open_binary(path) as fh:
+            while block := fh.read(1 << 20):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as exc:
+                    return offset + exc.start, block[exc.start]
+                offset += len(block)
+    except _READ_ERRORS as exc:
+        raise DataPrepError(f"{path}: {read_problem(path, exc)}") from None
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        return offset + exc.start, -1
     return None
 
 
@@ -128,9 +152,12 @@ def pick_encoding(path: Path, encodings: tuple[str, ...], label: str) -> str:
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    except OSError as exc:
+        raise DataPrepError(f"{path}: {read_problem(path, exc)}") from None
     return h.hexdigest()
 
 
@@ -204,7 +231,20 @@ def _load_saved(source: Source):
 
 # ---------------------------------------------------------------------------------------------------- rows
 def iter_rows(source: Source, columns: list[str], encodings: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    """Yield (location, {column: value}) for every row of a source, in a fixed order."""
+    """Yield (location, {column: value}) for every row of a source, in a fixed order. Whatever goes wrong while
+    reading is a DataPrepError naming the file and the last row read."""
+    loc = None
+    try:
+        for loc, record in _iter_rows(source, columns, encodings):
+            yield loc, record
+    except DataPrepError:
+        raise
+    except Exception as exc:
+        where = f"cannot read past {loc.removeprefix(source.name + ': ')}" if loc else "cannot read"
+        raise DataPrepError(f"{source.name}: {where}: {read_problem(source.path, exc)}") from exc
+
+
+def _iter_rows(source: Source, columns: list[str], encodings: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
     f = source.format
     if f == "folder":
         yield from _iter_folder(source, encodings)
@@ -279,7 +319,11 @@ def _iter_folder(source: Source, encodings: tuple[str, ...]):
                 enc = pick_encoding(f, encodings, str(f))
                 if enc != encodings[0]:
                     source.encodings[rel] = enc  # remember only the exceptions
-            yield str(f), {"text": f.read_text(encoding=enc), "label": class_dir.name, "id": rel}
+            try:
+                text = f.read_text(encoding=enc)
+            except OSError as exc:
+                raise DataPrepError(f"{f}: {read_problem(f, exc)}") from None
+            yield str(f), {"text": text, "label": class_dir.name, "id": rel}
 
 
 def folder_ignored_files(root: Path) -> int:

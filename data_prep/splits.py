@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 
 import numpy as np
 
+from data_prep.errors import DataPrepError
+
 DEFAULT_RATIOS = {"train": 0.8, "validation": 0.1, "test": 0.1}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_split_name(name: str, where: str) -> str:
+    """A split name becomes a folder name under --output, so it must be plain: no path, no dots, not empty."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise DataPrepError(f"{where}: split name {name!r} is not a plain name (use letters, digits, _ and -)")
+    return name
 
 
 def parse_ratios(value: str) -> dict[str, float]:
