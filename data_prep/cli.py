@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ examples:
       --output data/pairs --tokenizer path/to/model
 
 The output folder holds one sub-folder per split (datasets.load_from_disk(out/<split>)) and manifest.json.
-Exit status: 0 on success, 2 on bad input or options (one line on stderr naming the file, row or option).
+Split names (SPLIT=, --split-column values, --split-ratios names) are plain: letters, digits, _ and -.
+Exit status: 0 on success, 2 on bad input or options (one line on stderr naming the file, row or option),
+130 on SIGINT (Ctrl-C) and 143 on SIGTERM (the temporary folder is removed, --output is left as it was).
 """
 
 
@@ -48,8 +51,9 @@ def _int(value: str) -> int:
 
 
 def _input(value: str) -> tuple[str | None, Path]:
+    """SPLIT=PATH, unless the whole value names an existing file; prepare() checks that SPLIT is a plain name."""
     split, sep, path = value.partition("=")
-    if sep and split and "/" not in split and not Path(value).exists():
+    if sep and not Path(value).exists():
         return split, Path(path)
     return None, Path(value)
 
@@ -204,17 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a bad option already reported in one line
         return int(exc.code or 0)
     try:
-        from data_prep.prepare import prepare
+        from data_prep.prepare import prepare, signals_as_interrupts
 
         opts = options_from_args(args)
         start = time.perf_counter()
-        manifest = prepare(opts)
+        with signals_as_interrupts():
+            manifest = prepare(opts)
     except DataPrepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # prepare has removed its temporary folder
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(signum).name}; nothing was written, --output is as it was "
+              f"(exit {128 + signum})", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # a bug or an unforeseen input: still one line, the traceback on request
         if os.environ.get("BERTFIT_DEBUG"):
             raise

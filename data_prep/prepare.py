@@ -9,12 +9,16 @@ Everything is written to a temporary folder beside the output and renamed into p
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from array import array
 from collections import Counter, deque
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +27,11 @@ import numpy as np
 import data_prep
 from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
 from data_prep.clean import clean_text
-from data_prep.errors import DataPrepError
+from data_prep.errors import DataPrepError, one_line
 from data_prep.readers import (Source, expand_sources, folder_ignored_files, is_missing, iter_rows,
                                source_columns, source_sha256)
 from data_prep.shards import SplitWriter, columns_to_table, window_features
-from data_prep.splits import DEFAULT_RATIOS, assign_splits
+from data_prep.splits import DEFAULT_RATIOS, assign_splits, check_split_name
 from data_prep.tokenizer import (backend_json, load_fast_tokenizer, special_token_template,
                                  tokenizer_fingerprint)
 
@@ -137,6 +141,14 @@ def _columns_needed(opts: PrepOptions, source: Source) -> list[str]:
     return cols
 
 
+def _named_columns(opts: PrepOptions) -> list[tuple[str, str]]:
+    """(option, column) for every column an option names."""
+    named = [("--text-column", opts.text_column), ("--label-column", opts.label_column),
+             ("--text-pair-column", opts.text_pair_column), ("--id-column", opts.id_column),
+             ("--group-column", opts.group_column), ("--split-column", opts.split_column)]
+    return [(opt, col) for opt, col in named if col is not None]
+
+
 def check_columns(opts: PrepOptions, sources: list[Source]) -> None:
     for source in sources:
         if source.format == "folder":
@@ -146,12 +158,14 @@ def check_columns(opts: PrepOptions, sources: list[Source]) -> None:
                     raise DataPrepError(f"{opt}: a folder input ({source.path}) has only text, label (folder name) "
                                         "and id (file path)")
             continue
-        available = source_columns(source, opts.encodings)
-        named = [("--text-column", opts.text_column), ("--label-column", opts.label_column),
-                 ("--text-pair-column", opts.text_pair_column), ("--id-column", opts.id_column),
-                 ("--group-column", opts.group_column), ("--split-column", opts.split_column)]
-        for opt, col in named:
-            if col is not None and col not in available:
+        try:
+            available = source_columns(source, opts.encodings)
+        except DataPrepError:
+            raise
+        except Exception as exc:
+            raise DataPrepError(f"{source.name}: cannot read its columns: {one_line(exc)}") from exc
+        for opt, col in _named_columns(opts):
+            if col not in available:
                 raise DataPrepError(f"{source.name}: no column {col!r} ({opt}); available columns: "
                                     f"{', '.join(map(str, available))}")
 
@@ -167,48 +181,62 @@ def scan(opts: PrepOptions, sources: list[Source]) -> ScanResult:
         label_col = "label" if source.format == "folder" else opts.label_column
         keep = bytearray()
         ordinal = 0
-        for loc, record in iter_rows(source, columns, opts.encodings):
-            ordinal += 1
-            split = source.split
-            if opts.split_column is not None:
-                if is_missing(record[opts.split_column]):
-                    raise DataPrepError(f"{loc}: missing split in column {opts.split_column!r}")
-                split = label_text(record[opts.split_column])
-            if is_missing(record[label_col]):
-                raise DataPrepError(f"{loc}: missing label in column {label_col!r}")
-            label = label_text(record[label_col])
-            if opts.id_column is not None:
-                if is_missing(record[opts.id_column]):
-                    raise DataPrepError(f"{loc}: missing id in column {opts.id_column!r}")
-                rid = label_text(record[opts.id_column])
-                if rid in seen_ids:
-                    raise DataPrepError(f"{loc}: duplicate id {rid!r} (first seen at {seen_ids[rid]})")
-                seen_ids[rid] = loc
-            texts = [(text_col, _text(record, text_col, loc))]
-            if opts.text_pair_column is not None:
-                texts.append((opts.text_pair_column, _text(record, opts.text_pair_column, loc)))
-            empty = next((c for c, t in texts if not clean_text(t, opts.clean).strip()), None)
-            reason = None
-            if empty is not None:
-                if opts.on_empty == "error":
-                    raise DataPrepError(f"{loc}: empty text in column {empty!r} (pass --on-empty drop to drop "
-                                        "and count such rows)")
-                reason = "empty_text"
-            elif allowed is not None and label not in allowed:
-                if opts.on_unknown_label == "error":
-                    raise DataPrepError(f"{loc}: label {label!r} is not one of --labels {','.join(opts.labels)}")
-                reason = "label_not_in_labels"
-            if reason is not None:
-                keep.append(0)
-                result.dropped[(split, reason)] += 1
-                continue
-            if opts.group_column is not None:
-                if is_missing(record[opts.group_column]):
-                    raise DataPrepError(f"{loc}: missing group in column {opts.group_column!r}")
-                result.groups.append(label_text(record[opts.group_column]))
-            keep.append(1)
-            result.labels.append(label)
-            result.given_split.append(split or "")
+        loc = None
+        # JSONL rows are whole objects: the columns were read off the first one, a later one may lack a key
+        required = _named_columns(opts) if source.format == "jsonl" else []
+        plain_splits: set[str] = set()
+        try:
+            for loc, record in iter_rows(source, columns, opts.encodings):
+                ordinal += 1
+                for opt, col in required:
+                    if col not in record:
+                        raise DataPrepError(f"{loc}: no key {col!r} ({opt})")
+                split = source.split
+                if opts.split_column is not None:
+                    if is_missing(record[opts.split_column]):
+                        raise DataPrepError(f"{loc}: missing split in column {opts.split_column!r}")
+                    split = label_text(record[opts.split_column])
+                    if split not in plain_splits:  # it becomes a folder name under --output
+                        plain_splits.add(check_split_name(split, f"{loc} (--split-column {opts.split_column})"))
+                if is_missing(record[label_col]):
+                    raise DataPrepError(f"{loc}: missing label in column {label_col!r}")
+                label = label_text(record[label_col])
+                if opts.id_column is not None:
+                    if is_missing(record[opts.id_column]):
+                        raise DataPrepError(f"{loc}: missing id in column {opts.id_column!r}")
+                    rid = label_text(record[opts.id_column])
+                    if rid in seen_ids:
+                        raise DataPrepError(f"{loc}: duplicate id {rid!r} (first seen at {seen_ids[rid]})")
+                    seen_ids[rid] = loc
+                texts = [(text_col, _text(record, text_col, loc))]
+                if opts.text_pair_column is not None:
+                    texts.append((opts.text_pair_column, _text(record, opts.text_pair_column, loc)))
+                empty = next((c for c, t in texts if not clean_text(t, opts.clean).strip()), None)
+                reason = None
+                if empty is not None:
+                    if opts.on_empty == "error":
+                        raise DataPrepError(f"{loc}: empty text in column {empty!r} (pass --on-empty drop to drop "
+                                            "and count such rows)")
+                    reason = "empty_text"
+                elif allowed is not None and label not in allowed:
+                    if opts.on_unknown_label == "error":
+                        raise DataPrepError(f"{loc}: label {label!r} is not one of --labels {','.join(opts.labels)}")
+                    reason = "label_not_in_labels"
+                if reason is not None:
+                    keep.append(0)
+                    result.dropped[(split, reason)] += 1
+                    continue
+                if opts.group_column is not None:
+                    if is_missing(record[opts.group_column]):
+                        raise DataPrepError(f"{loc}: missing group in column {opts.group_column!r}")
+                    result.groups.append(label_text(record[opts.group_column]))
+                keep.append(1)
+                result.labels.append(label)
+                result.given_split.append(split or "")
+        except DataPrepError:
+            raise
+        except Exception as exc:  # an input nobody foresaw: still one line naming the row
+            raise DataPrepError(f"{loc or source.name}: unexpected {one_line(exc)}") from exc
         source.scanned = True
         result.keep.append(keep)
         result.rows_per_source.append(ordinal)
@@ -265,6 +293,14 @@ def decide_splits(opts: PrepOptions, scan_result: ScanResult,
 _WORKER: dict = {}
 
 
+def _init_pool_worker(*init_args) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the parent alone stops the run and cleans up, so a
+    # worker ignores SIGINT (born with it blocked, see run_jobs, so none slips in before this line).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _init_worker(*init_args)
+
+
 def _init_worker(tokenizer_json: str, template, settings: ChunkSettings, pairs: bool, schema, threads: bool) -> None:
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
@@ -309,7 +345,7 @@ def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult,
     """Pass 2: re-read the kept rows in the same order and group them into batches of documents."""
     next_doc = np.zeros(num_splits, dtype=np.int64)
     kept = 0
-    batch: dict[str, list] = {"texts": [], "pairs": [], "label": [], "split": [], "ids": []}
+    batch: dict[str, list] = {"texts": [], "pairs": [], "label": [], "split": [], "ids": [], "locs": []}
 
     def flush():
         split = np.asarray(batch["split"], dtype=np.int64)
@@ -319,7 +355,7 @@ def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult,
             next_doc[s] += 1
         job = {"texts": batch["texts"], "pairs": batch["pairs"], "ids": batch["ids"], "split": split,
                "doc_id": doc_id, "label": np.asarray(batch["label"], dtype=np.int64),
-               "num_labels": len(label_index)}
+               "num_labels": len(label_index), "where": _span(batch["locs"][0], batch["locs"][-1])}
         for key in batch:  # fresh lists: the job keeps the old ones
             batch[key] = []
         return job
@@ -328,20 +364,37 @@ def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult,
         columns = _columns_needed(opts, source)
         text_col = "text" if source.format == "folder" else opts.text_column
         label_col = "label" if source.format == "folder" else opts.label_column
-        for ordinal, (loc, record) in enumerate(iter_rows(source, columns, opts.encodings), 1):
-            if not keep[ordinal - 1]:
-                continue
-            batch["texts"].append(clean_text(_text(record, text_col, loc), opts.clean))
-            if opts.text_pair_column is not None:
-                batch["pairs"].append(clean_text(_text(record, opts.text_pair_column, loc), opts.clean))
-            batch["label"].append(label_index[label_text(record[label_col])])
-            batch["split"].append(split_idx[kept])
-            batch["ids"].append(row_id(source, ordinal, record, opts.id_column))
-            kept += 1
-            if len(batch["texts"]) >= opts.batch_size:
-                yield flush()
+        loc = None
+        try:
+            for ordinal, (loc, record) in enumerate(iter_rows(source, columns, opts.encodings), 1):
+                if not keep[ordinal - 1]:
+                    continue
+                batch["texts"].append(clean_text(_text(record, text_col, loc), opts.clean))
+                if opts.text_pair_column is not None:
+                    batch["pairs"].append(clean_text(_text(record, opts.text_pair_column, loc), opts.clean))
+                batch["label"].append(label_index[label_text(record[label_col])])
+                batch["split"].append(split_idx[kept])
+                batch["ids"].append(row_id(source, ordinal, record, opts.id_column))
+                batch["locs"].append(loc)
+                kept += 1
+                if len(batch["texts"]) >= opts.batch_size:
+                    yield flush()
+        except DataPrepError:
+            raise
+        except Exception as exc:  # e.g. the file changed since the first pass: one line naming the row
+            raise DataPrepError(f"{loc or source.name}: unexpected {one_line(exc)}") from exc
     if batch["texts"]:
         yield flush()
+
+
+def _span(first: str, last: str) -> str:
+    """Where a batch of rows came from: 'a.csv: row 11' and 'a.csv: row 20' -> 'a.csv: row 11 to row 20'."""
+    if first == last:
+        return first
+    head, sep, _ = first.rpartition(": ")
+    if sep and last.startswith(head + sep):
+        return f"{first} to {last[len(head + sep):]}"
+    return f"{first} to {last}"
 
 
 def run_jobs(jobs, init_args: tuple, num_proc: int):
@@ -350,20 +403,41 @@ def run_jobs(jobs, init_args: tuple, num_proc: int):
     if num_proc <= 1:
         _init_worker(*init_args, True)
         for job in jobs:
-            yield encode_job(job)
+            yield _encoded(job["where"], lambda: encode_job(job))
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(*init_args, False)) as pool:
+    pool = ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
+                               initargs=(*init_args, False))
+    try:
         pending: deque = deque()
         for job in jobs:
-            pending.append(pool.submit(encode_job, job))
+            # workers start inside submit and inherit this signal mask: SIGINT stays blocked in them until
+            # _init_pool_worker ignores it; here it is only held for the moment of the call
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                pending.append((job["where"], pool.submit(encode_job, job)))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().result()
+                where, future = pending.popleft()
+                yield _encoded(where, future.result)
         while pending:
-            yield pending.popleft().result()
+            where, future = pending.popleft()
+            yield _encoded(where, future.result)
+    finally:  # also on an error or interrupt: drop the queued batches, wait for the running ones
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encoded(where: str, encode):
+    """``encode()``, with an unforeseen failure reported as one line naming the rows of the batch."""
+    try:
+        return encode()
+    except DataPrepError:
+        raise
+    except Exception as exc:
+        raise DataPrepError(f"{where}: cannot tokenize: {one_line(exc)}") from exc
 
 
 def _add_counts(into: dict, more: dict) -> None:
@@ -397,9 +471,17 @@ def resolve_chunk_settings(opts: PrepOptions, tok, template) -> ChunkSettings:
 
 def prepare(opts: PrepOptions) -> dict:
     """Run the whole pipeline; returns the manifest. Raises DataPrepError for bad input or options."""
-    output = Path(opts.output)
+    output = Path(os.path.abspath(opts.output))  # "." and ".." resolved: the name must be a real folder name
+    if not output.name:
+        raise DataPrepError(f"--output {opts.output}: give a folder below the file system root")
     if output.exists() and not opts.overwrite:
-        raise DataPrepError(f"--output {output}: already exists; pass --overwrite to replace it")
+        raise DataPrepError(f"--output {opts.output}: already exists; pass --overwrite to replace it")
+    check_inputs_outside(opts, output)
+    for split, path in opts.inputs:
+        if split is not None:
+            check_split_name(split, f"--input {split}={path}")
+    for split in opts.split_ratios or {}:
+        check_split_name(split, "--split-ratios")
     if opts.labels is not None and len(set(opts.labels)) != len(opts.labels):
         raise DataPrepError("--labels: a label is listed twice")
     tok = load_fast_tokenizer(opts.tokenizer)
@@ -436,16 +518,18 @@ def prepare(opts: PrepOptions) -> dict:
         # workers get the Arrow schema, not the `datasets` features: they never import `datasets`
         init_args = (backend_json(tok), template, settings, pairs, features.arrow_schema)
         progress = _progress(int(docs_per_split.sum()), opts.progress)
-        for results in run_jobs(jobs, init_args, opts.num_proc):
-            for s, table, doc_ids, st in results:
-                writers[s].write(table, doc_ids)
-                agg = stats[s]
-                for key in ("documents", "windows", "tokens", "truncated"):
-                    agg[key] += st[key]
-                _add_counts(agg["truncated_by"], st["truncated_by"])
-                _add_counts(agg["windows_dropped"], st["windows_dropped"])
-                agg["labels"] = [a + b for a, b in zip(agg["labels"], st["labels"])]
-                progress.update(st["documents"])
+        # closing: on an error or interrupt the workers are shut down before the temporary folder is removed
+        with closing(run_jobs(jobs, init_args, opts.num_proc)) as encoded:
+            for results in encoded:
+                for s, table, doc_ids, st in results:
+                    writers[s].write(table, doc_ids)
+                    agg = stats[s]
+                    for key in ("documents", "windows", "tokens", "truncated"):
+                        agg[key] += st[key]
+                    _add_counts(agg["truncated_by"], st["truncated_by"])
+                    _add_counts(agg["windows_dropped"], st["windows_dropped"])
+                    agg["labels"] = [a + b for a, b in zip(agg["labels"], st["labels"])]
+                    progress.update(st["documents"])
         progress.close()
 
         splits = {}
@@ -462,11 +546,29 @@ def prepare(opts: PrepOptions) -> dict:
         manifest = build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs, splits,
                                   ratios_used)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_folder(tmp, output)
+        with signals_held():  # a signal now would stop the swap half-way; the run is complete anyway
+            _replace_folder(tmp, output, opts.overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():  # a second Ctrl-C must not stop the cleanup half-way
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def check_inputs_outside(opts: PrepOptions, output: Path) -> None:
+    """--overwrite deletes the old output: refuse when an input (or the tokenizer folder) lies inside it."""
+    out = output.resolve()
+    named = [(f"--input {path}", path) for _, path in opts.inputs]
+    if opts.tokenizer:  # a folder, or a package/hub name that names no path here
+        named.append((f"--tokenizer {opts.tokenizer}", Path(opts.tokenizer).expanduser()))
+    for what, path in named:
+        if not path.exists():
+            continue
+        real = path.resolve()
+        if real == out or out in real.parents:
+            where = "is that same folder" if real == out else "lies inside it"
+            raise DataPrepError(f"--output {opts.output}: {what} {where}, and replacing the output would delete "
+                                "it; choose another --output")
 
 
 def build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs, splits, ratios_used) -> dict:
@@ -511,15 +613,79 @@ def build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs
     }
 
 
-def _replace_folder(tmp: Path, output: Path) -> None:
-    """Move the finished folder into place; an old output is moved aside first and removed afterwards."""
+def _replace_folder(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Move the finished folder into place; an old output is moved aside first and removed afterwards.
+
+    Another run on the same --output writes its own temporary folder and may finish first. Renaming a folder
+    onto a non-empty one fails, so two runs never mix; the later one reports it (or, with --overwrite, replaces
+    the earlier result whole)."""
+    appeared = DataPrepError(f"--output {output}: another process created it while this run was writing; left it "
+                             "as it is (pass --overwrite to replace it)")
     old = None
-    if output.exists():
+    if os.path.lexists(output):
+        if not overwrite:
+            raise appeared
         old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-    tmp.rename(output)
+        try:
+            output.rename(old)
+        except FileNotFoundError:  # removed meanwhile
+            old = None
+    try:
+        tmp.rename(output)
+    except OSError as exc:
+        if old is not None:
+            try:
+                old.rename(output)  # put the old output back, unless something new took its place
+            except OSError:
+                _remove(old)
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise appeared from None
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ signals
+# python -m data_prep turns SIGTERM, like SIGINT, into KeyboardInterrupt (carrying the signal number), so one
+# path removes the temporary folder (prepare's except) and shuts workers down (run_jobs' finally). While that
+# folder is being removed or swapped into place, a signal is ignored instead: stopping there would leave half a
+# folder, and both steps end the run anyway.
+_held = {"depth": 0}
+
+
+def _raise_interrupt(signum, frame):
+    if not _held["depth"]:
+        raise KeyboardInterrupt(signum)
+
+
+@contextmanager
+def signals_held():
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+
+
+@contextmanager
+def signals_as_interrupts():
+    """SIGINT and SIGTERM raise KeyboardInterrupt(signal number) inside the block (for the command line)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _progress(total: int, enabled: bool):
