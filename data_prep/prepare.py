@@ -19,7 +19,7 @@ import threading
 from array import array
 from collections import Counter, deque
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +27,15 @@ import numpy as np
 import data_prep
 from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
 from data_prep.clean import clean_text
+from data_prep import labels as task_labels
 from data_prep.errors import DataPrepError, one_line
-from data_prep.readers import (Source, expand_sources, folder_ignored_files, is_missing, iter_rows,
+from data_prep.labels import label_text
+from data_prep.readers import (NoLabel, Source, expand_sources, folder_ignored_files, is_missing, iter_rows,
                                source_columns, source_sha256)
 from data_prep.shards import SplitWriter, columns_to_table, window_features
 from data_prep.splits import DEFAULT_RATIOS, assign_splits, check_split_name
-from data_prep.tokenizer import (backend_json, load_fast_tokenizer, special_token_template,
-                                 tokenizer_fingerprint)
+from data_prep.tokenizer import (backend_json, load_fast_tokenizer, resolve_pretrained_path,
+                                 special_token_template, tokenizer_fingerprint)
 
 MANIFEST = "manifest.json"
 SPLIT_ORDER = ("train", "validation", "test")
@@ -54,7 +56,8 @@ class PrepOptions:
     split_column: str | None = None
     split_ratios: dict[str, float] | None = None
     seed: int = 42
-    max_length: int | None = None
+    max_length: int | str | None = None  # "auto": chosen from the data's token lengths
+    max_length_percentile: float | None = None  # for "auto"; None = 95
     chunk_size: int | None = None
     stride: int | None = None
     min_chunk_tokens: int = 1
@@ -63,6 +66,8 @@ class PrepOptions:
     clean: tuple[str, ...] = ()
     on_empty: str = "error"
     on_unknown_label: str = "drop"
+    task: str = "auto"  # auto | single_label | multi_label | regression
+    label_separator: str | None = None  # multi_label: split text labels on this
     encodings: tuple[str, ...] = ("utf-8",)
     num_proc: int = 1
     num_shards: int | None = None
@@ -101,17 +106,13 @@ class ScanResult:
     """What the first pass learned: one entry per kept row, in reading order, plus drop counts."""
 
     keep: list[bytearray] = field(default_factory=list)  # per source: 1 = row kept
-    labels: Codes = field(default_factory=Codes)
+    labels: Codes = field(default_factory=Codes)  # single_label: class name; multi_label: multi_label_key(set)
+    targets: array = field(default_factory=lambda: array("d"))  # regression: the target of every kept row
+    labels_removed: Counter = field(default_factory=Counter)  # multi_label: label -> documents it was removed from
     groups: Codes = field(default_factory=Codes)
     given_split: Codes = field(default_factory=Codes)  # "" = no split given
     rows_per_source: list[int] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)  # (split or None, reason) -> rows
-
-
-def label_text(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 def row_id(source: Source, ordinal: int, record: dict, id_column: str | None) -> str:
@@ -198,9 +199,7 @@ def scan(opts: PrepOptions, sources: list[Source]) -> ScanResult:
                     split = label_text(record[opts.split_column])
                     if split not in plain_splits:  # it becomes a folder name under --output
                         plain_splits.add(check_split_name(split, f"{loc} (--split-column {opts.split_column})"))
-                if is_missing(record[label_col]):
-                    raise DataPrepError(f"{loc}: missing label in column {label_col!r}")
-                label = label_text(record[label_col])
+                label, unlabeled = read_label(opts, record[label_col], label_col, loc)
                 if opts.id_column is not None:
                     if is_missing(record[opts.id_column]):
                         raise DataPrepError(f"{loc}: missing id in column {opts.id_column!r}")
@@ -218,6 +217,16 @@ def scan(opts: PrepOptions, sources: list[Source]) -> ScanResult:
                         raise DataPrepError(f"{loc}: empty text in column {empty!r} (pass --on-empty drop to drop "
                                             "and count such rows)")
                     reason = "empty_text"
+                elif unlabeled:
+                    reason = "unlabeled"
+                elif allowed is not None and opts.task == "multi_label":
+                    unknown = [name for name in label if name not in allowed]
+                    if unknown and opts.on_unknown_label == "error":
+                        raise DataPrepError(f"{loc}: label {unknown[0]!r} is not one of --labels "
+                                            f"{','.join(opts.labels)}")
+                    # the document keeps its other labels; with none left it is a document with no label
+                    result.labels_removed.update(unknown)
+                    label = [name for name in label if name in allowed]
                 elif allowed is not None and label not in allowed:
                     if opts.on_unknown_label == "error":
                         raise DataPrepError(f"{loc}: label {label!r} is not one of --labels {','.join(opts.labels)}")
@@ -231,7 +240,10 @@ def scan(opts: PrepOptions, sources: list[Source]) -> ScanResult:
                         raise DataPrepError(f"{loc}: missing group in column {opts.group_column!r}")
                     result.groups.append(label_text(record[opts.group_column]))
                 keep.append(1)
-                result.labels.append(label)
+                if opts.task == "regression":
+                    result.targets.append(label)
+                else:
+                    result.labels.append(task_labels.multi_label_key(label) if opts.task == "multi_label" else label)
                 result.given_split.append(split or "")
         except DataPrepError:
             raise
@@ -243,12 +255,144 @@ def scan(opts: PrepOptions, sources: list[Source]) -> ScanResult:
     return result
 
 
+def read_label(opts: PrepOptions, value, column: str, loc: str):
+    """(label, unlabeled): a class name, a sorted list of names (multi_label) or a float (regression); unlabeled is
+    True for a saved dataset's ClassLabel -1, which is dropped and counted, never a class named "-1"."""
+    if isinstance(value, NoLabel):
+        return None, True
+    if opts.task == "multi_label":
+        if value is None or (isinstance(value, float) and value != value):
+            raise DataPrepError(f"{loc}: missing label in column {column!r} (a document with no label has an "
+                                "empty list, or empty text with --label-separator)")
+        if isinstance(value, str) and not value.strip() and opts.label_separator is not None:
+            return [], False
+        return task_labels.multi_label(value, loc, opts.label_separator), False
+    if is_missing(value):
+        raise DataPrepError(f"{loc}: missing label in column {column!r}")
+    if opts.task == "regression":
+        return task_labels.regression_target(value, loc), False
+    return task_labels.single_label(value, loc, opts.task), False
+
+
 def _natural_label_order(labels: set[str]) -> list[str]:
     """Sorted, numerically when every label is an integer ("2" before "10")."""
     try:
         return sorted(labels, key=int)
     except ValueError:
         return sorted(labels)
+
+
+def check_task_options(opts: PrepOptions) -> None:
+    """Options that contradict --task, refused before any data is read."""
+    if opts.task not in task_labels.TASK_CHOICES:
+        raise DataPrepError(f"--task {opts.task!r}: choose from {', '.join(task_labels.TASK_CHOICES)}")
+    if opts.label_separator is not None and opts.task != "multi_label":
+        raise DataPrepError("--label-separator splits multi-label text; it needs --task multi_label")
+    if opts.label_separator == "":
+        raise DataPrepError("--label-separator: give a non-empty separator, e.g. ';'")
+    if opts.task == "regression" and opts.labels is not None:
+        raise DataPrepError("--labels: --task regression has no label set (the model has one output)")
+    if opts.max_length_percentile is not None and opts.max_length != "auto":
+        raise DataPrepError("--max-length-percentile picks the length for --max-length auto; pass --max-length auto")
+
+
+def label_arrays(opts: PrepOptions, problem_type: str, scan_result: ScanResult):
+    """(label names, row_labels, strata) for the kept rows.
+
+    ``row_labels(kept_rows)`` gives those rows' shard labels: int64 class ids (single_label), int8 multi-hot rows
+    [n, len(names)] (multi_label) or float64 targets (regression). ``strata`` (int64 per kept row) is what the
+    split stratifies by: the class for single_label; one stratum (a plain seeded split) for the others."""
+    if problem_type == "regression":
+        targets = np.frombuffer(scan_result.targets, dtype=np.float64) if len(scan_result.targets) else np.zeros(0)
+        if not len(targets):
+            raise DataPrepError("no rows left to prepare (every row was dropped; see the counts above)")
+        return [], lambda rows: targets[rows], np.zeros(len(targets), dtype=np.int64)
+    if not len(scan_result.labels):
+        raise DataPrepError("no rows left to prepare (every row was dropped; see the counts above)")
+    if problem_type == "multi_label":
+        label_sets = [json.loads(key) for key in scan_result.labels.values]
+        names = list(opts.labels) if opts.labels else _natural_label_order({n for s in label_sets for n in s})
+        if not names:
+            raise DataPrepError("--task multi_label: no document has a label (every label set is empty)")
+        index = {name: i for i, name in enumerate(names)}
+        multi_hot = np.zeros((len(label_sets), len(names)), dtype=np.int8)  # one row per distinct label set
+        for k, label_set in enumerate(label_sets):
+            multi_hot[k, [index[n] for n in label_set]] = 1
+        set_codes = np.frombuffer(scan_result.labels.codes, dtype=np.int64)
+        return names, lambda rows: multi_hot[set_codes[rows]], np.zeros(len(set_codes), dtype=np.int64)
+    present = set(scan_result.labels.values)
+    names = list(opts.labels) if opts.labels else _natural_label_order(present)
+    if len(present) < 2:
+        dropped = sum(scan_result.dropped.values())
+        raise DataPrepError(f"only one class ({next(iter(present))!r}) in the data"
+                            + (f" after dropping {dropped} rows" if dropped else "")
+                            + "; single-label classification needs at least two (for a numeric target pass "
+                            "--task regression)")
+    label_ids = scan_result.labels.decoded({name: i for i, name in enumerate(names)})
+    return names, lambda rows: label_ids[rows], label_ids
+
+
+def split_label_summary(problem_type: str, label_names: list[str], class_counts: list[int], row_labels,
+                        rows: np.ndarray) -> dict:
+    """A split's label keys in the manifest: label_counts (documents per label), plus unlabeled_documents for
+    multi_label; target statistics for regression."""
+    if problem_type == "regression":
+        return {"target": task_labels.target_stats(row_labels(rows))}
+    if problem_type == "multi_label":
+        multi_hot = row_labels(rows)
+        return {"label_counts": dict(zip(label_names, multi_hot.sum(axis=0, dtype=np.int64).tolist())),
+                "unlabeled_documents": int((multi_hot.sum(axis=1) == 0).sum())}
+    return {"label_counts": dict(zip(label_names, class_counts))}
+
+
+# Models whose position table starts after the padding index (pad_token_id + 1 slots unused): RoBERTa's 514
+# positions hold 512 tokens.
+_OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "mpnet",
+                           "data2vec-text", "ibert", "luke", "markuplm", "roberta-prelayernorm", "xmod"}
+
+
+def model_positions(tok, tokenizer_name: str) -> int:
+    """The longest input the model takes: the tokenizer's model_max_length and the config's position count
+    (when the folder has a config.json), whichever is smaller; 512 when neither says."""
+    limits = []
+    model_max = getattr(tok, "model_max_length", None)
+    if isinstance(model_max, int) and 0 < model_max <= 100_000:  # unset is a huge sentinel
+        limits.append(model_max)
+    try:
+        config = json.loads((Path(resolve_pretrained_path(tokenizer_name)) / "config.json").read_text())
+    except (OSError, ValueError, DataPrepError):
+        config = {}
+    positions = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if isinstance(positions, int) and positions > 0:
+        if config.get("model_type") in _OFFSET_POSITION_MODELS:
+            pad = config.get("pad_token_id")
+            positions -= (pad if isinstance(pad, int) else 1) + 1
+        limits.append(positions)
+    return min(limits) if limits else 512
+
+
+def choose_max_length(opts: PrepOptions, sources, scan_result: ScanResult, tok, template, positions: int,
+                      row_labels, num_labels: int, split_idx: np.ndarray, num_splits: int) -> dict:
+    """--max-length auto: the smallest multiple of 8 >= the percentile of the kept documents' token counts
+    (special tokens included; text + pair for pairs), at least 16 and at most the model's positions.
+    A tokenizing pre-pass over the kept rows (the same rows and cleaning as the encode pass)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(backend_json(tok))  # without the run-time truncation the encode pass drops too
+    pairs = opts.text_pair_column is not None
+    num_special = template.num_pair if pairs else template.num_single
+    counts = array("q")
+    for job in iter_jobs(opts, sources, scan_result, row_labels, num_labels, split_idx, num_splits):
+        lengths = [len(e.ids) for e in tokenizer.encode_batch_fast(job["texts"], add_special_tokens=False)]
+        if pairs:
+            lengths = [a + len(e.ids) for a, e in
+                       zip(lengths, tokenizer.encode_batch_fast(job["pairs"], add_special_tokens=False))]
+        counts.extend(n + num_special for n in lengths)
+    percentile = 95.0 if opts.max_length_percentile is None else float(opts.max_length_percentile)
+    at_percentile = int(np.ceil(np.percentile(np.frombuffer(counts, dtype=np.int64), percentile)))
+    chosen = min(positions, max(16, -(-at_percentile // 8) * 8))
+    return {"percentile": percentile, "tokens_at_percentile": at_percentile, "chosen": chosen,
+            "model_positions": positions}
 
 
 def decide_splits(opts: PrepOptions, scan_result: ScanResult,
@@ -329,20 +473,23 @@ def encode_job(job: dict) -> list[tuple[int, object, np.ndarray, dict]]:
             enc = encode_singles(_encode(texts), template, settings)
         per_doc = np.asarray(enc.doc_windows)
         doc_ids = np.repeat(job["doc_id"][rows], per_doc)
-        labels = np.repeat(job["label"][rows], per_doc)
+        # every window carries its document's label: a class id, a multi-hot row or a target
+        labels = np.repeat(job["label"][rows], per_doc, axis=0)
         ids = [job["ids"][i] for i, n in zip(rows, per_doc) for _ in range(n)]
         table = columns_to_table(enc.columns, labels, doc_ids, ids, schema)
         stats = {"documents": len(rows), "windows": int(per_doc.sum()), "tokens": enc.tokens,
                  "truncated": enc.truncated_docs, "truncated_by": enc.truncated,
                  "windows_dropped": enc.windows_dropped,
-                 "labels": np.bincount(job["label"][rows], minlength=job["num_labels"]).tolist()}
+                 "labels": (np.bincount(job["label"][rows], minlength=job["num_labels"]).tolist()
+                            if job["label"].ndim == 1 and job["label"].dtype == np.int64 else None)}
         out.append((int(s), table, doc_ids, stats))
     return out
 
 
-def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult, label_index: dict[str, int],
+def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult, row_labels, num_labels: int,
               split_idx: np.ndarray, num_splits: int):
-    """Pass 2: re-read the kept rows in the same order and group them into batches of documents."""
+    """Pass 2: re-read the kept rows in the same order and group them into batches of documents.
+    ``row_labels(kept_rows)`` gives the labels the scan decided for those kept rows (see ``label_arrays``)."""
     next_doc = np.zeros(num_splits, dtype=np.int64)
     kept = 0
     batch: dict[str, list] = {"texts": [], "pairs": [], "label": [], "split": [], "ids": [], "locs": []}
@@ -354,8 +501,8 @@ def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult,
             doc_id[i] = next_doc[s]
             next_doc[s] += 1
         job = {"texts": batch["texts"], "pairs": batch["pairs"], "ids": batch["ids"], "split": split,
-               "doc_id": doc_id, "label": np.asarray(batch["label"], dtype=np.int64),
-               "num_labels": len(label_index), "where": _span(batch["locs"][0], batch["locs"][-1])}
+               "doc_id": doc_id, "label": row_labels(np.asarray(batch["label"], dtype=np.int64)),
+               "num_labels": num_labels, "where": _span(batch["locs"][0], batch["locs"][-1])}
         for key in batch:  # fresh lists: the job keeps the old ones
             batch[key] = []
         return job
@@ -363,7 +510,6 @@ def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult,
     for source, keep in zip(sources, scan_result.keep):
         columns = _columns_needed(opts, source)
         text_col = "text" if source.format == "folder" else opts.text_column
-        label_col = "label" if source.format == "folder" else opts.label_column
         loc = None
         try:
             for ordinal, (loc, record) in enumerate(iter_rows(source, columns, opts.encodings), 1):
@@ -372,7 +518,7 @@ def iter_jobs(opts: PrepOptions, sources: list[Source], scan_result: ScanResult,
                 batch["texts"].append(clean_text(_text(record, text_col, loc), opts.clean))
                 if opts.text_pair_column is not None:
                     batch["pairs"].append(clean_text(_text(record, opts.text_pair_column, loc), opts.clean))
-                batch["label"].append(label_index[label_text(record[label_col])])
+                batch["label"].append(kept)  # the kept row's index; row_labels turns it into its label
                 batch["split"].append(split_idx[kept])
                 batch["ids"].append(row_id(source, ordinal, record, opts.id_column))
                 batch["locs"].append(loc)
@@ -446,7 +592,8 @@ def _add_counts(into: dict, more: dict) -> None:
             into[k] = into.get(k, 0) + v
 
 
-def resolve_chunk_settings(opts: PrepOptions, tok, template) -> ChunkSettings:
+def resolve_chunk_settings(opts: PrepOptions, tok, template, note: str = "") -> ChunkSettings:
+    """``note`` is added to an error (e.g. which --max-length auto chose)."""
     max_length = opts.max_length
     if max_length is None:
         model_max = getattr(tok, "model_max_length", None)
@@ -465,7 +612,7 @@ def resolve_chunk_settings(opts: PrepOptions, tok, template) -> ChunkSettings:
         else:
             settings.check(num_special)
     except ValueError as exc:
-        raise DataPrepError(str(exc)) from None
+        raise DataPrepError(f"{exc}{note}") from None
     return settings
 
 
@@ -484,22 +631,29 @@ def prepare(opts: PrepOptions) -> dict:
         check_split_name(split, "--split-ratios")
     if opts.labels is not None and len(set(opts.labels)) != len(opts.labels):
         raise DataPrepError("--labels: a label is listed twice")
+    check_task_options(opts)
     tok = load_fast_tokenizer(opts.tokenizer)
     template = special_token_template(tok)
-    settings = resolve_chunk_settings(opts, tok, template)
+    auto_length = opts.max_length == "auto"
+    positions = model_positions(tok, opts.tokenizer) if auto_length else None
+    # checks the windowing options before reading any data (with auto: against the longest the model allows)
+    settings = resolve_chunk_settings(replace(opts, max_length=positions) if auto_length else opts, tok, template)
     sources = expand_sources(opts.inputs, opts.format)
     check_columns(opts, sources)
 
     scan_result = scan(opts, sources)
-    label_names = list(opts.labels) if opts.labels else _natural_label_order(set(scan_result.labels.values))
-    if not label_names or not len(scan_result.labels):
-        raise DataPrepError("no rows left to prepare (every row was dropped; see the counts above)")
-    label_index = {name: i for i, name in enumerate(label_names)}
-    label_ids = scan_result.labels.decoded(label_index)
-    split_names, split_idx, ratios_used = decide_splits(opts, scan_result, label_ids)
+    problem_type = "single_label" if opts.task == "auto" else opts.task
+    label_names, row_labels, strata = label_arrays(opts, problem_type, scan_result)
+    split_names, split_idx, ratios_used = decide_splits(opts, scan_result, strata)
+    max_length_auto = None
+    if auto_length:
+        max_length_auto = choose_max_length(opts, sources, scan_result, tok, template, positions,
+                                            row_labels, len(label_names), split_idx, len(split_names))
+        chosen = replace(opts, max_length=max_length_auto["chosen"])
+        settings = resolve_chunk_settings(chosen, tok, template, f" (--max-length auto chose {chosen.max_length})")
 
     pairs = opts.text_pair_column is not None
-    features = window_features(pairs)
+    features = window_features(pairs, problem_type, len(label_names))
     docs_per_split = np.bincount(split_idx, minlength=len(split_names))
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -514,7 +668,7 @@ def prepare(opts: PrepOptions) -> dict:
             writers.append(SplitWriter(tmp / name, features, opts.shard_size, bounds))
         stats = [{"documents": 0, "windows": 0, "tokens": 0, "truncated": 0, "truncated_by": {},
                   "windows_dropped": {}, "labels": [0] * len(label_names)} for _ in split_names]
-        jobs = iter_jobs(opts, sources, scan_result, label_index, split_idx, len(split_names))
+        jobs = iter_jobs(opts, sources, scan_result, row_labels, len(label_names), split_idx, len(split_names))
         # workers get the Arrow schema, not the `datasets` features: they never import `datasets`
         init_args = (backend_json(tok), template, settings, pairs, features.arrow_schema)
         progress = _progress(int(docs_per_split.sum()), opts.progress)
@@ -528,23 +682,25 @@ def prepare(opts: PrepOptions) -> dict:
                         agg[key] += st[key]
                     _add_counts(agg["truncated_by"], st["truncated_by"])
                     _add_counts(agg["windows_dropped"], st["windows_dropped"])
-                    agg["labels"] = [a + b for a, b in zip(agg["labels"], st["labels"])]
+                    if st["labels"] is not None:
+                        agg["labels"] = [a + b for a, b in zip(agg["labels"], st["labels"])]
                     progress.update(st["documents"])
         progress.close()
 
         splits = {}
-        for name, writer, agg in zip(split_names, writers, stats):
+        for k, (name, writer, agg) in enumerate(zip(split_names, writers, stats)):
             shards = writer.finish(name)
             dropped = {reason: n for (s, reason), n in sorted(scan_result.dropped.items()) if s == name}
             splits[name] = {
                 "documents": agg["documents"], "windows": agg["windows"], "tokens": agg["tokens"],
                 "truncated": agg["truncated"], "truncated_by": agg["truncated_by"], "dropped": dropped,
                 "windows_dropped": agg["windows_dropped"],
-                "label_counts": dict(zip(label_names, agg["labels"])),
+                **split_label_summary(problem_type, label_names, agg["labels"], row_labels,
+                                      np.flatnonzero(split_idx == k)),
                 "shards": shards, "content_hash": writer.hash.hexdigest(),
             }
         manifest = build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs, splits,
-                                  ratios_used)
+                                  ratios_used, problem_type, row_labels, max_length_auto)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         with signals_held():  # a signal now would stop the swap half-way; the run is complete anyway
             _replace_folder(tmp, output, opts.overwrite)
@@ -571,7 +727,8 @@ def check_inputs_outside(opts: PrepOptions, output: Path) -> None:
                                 "it; choose another --output")
 
 
-def build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs, splits, ratios_used) -> dict:
+def build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs, splits, ratios_used,
+                   problem_type="single_label", row_labels=None, max_length_auto=None) -> dict:
     dropped_before_split = Counter()
     for (s, reason), n in scan_result.dropped.items():
         if s is None:
@@ -592,12 +749,21 @@ def build_manifest(opts, sources, scan_result, tok, settings, label_names, pairs
         if source.encodings and source.format == "folder":
             entry["files_in_other_encodings"] = dict(sorted(source.encodings.items()))
         source_entries.append(entry)
+    task_keys = {}
+    if problem_type == "regression":
+        task_keys["target"] = task_labels.target_stats(row_labels(np.arange(len(scan_result.targets))))
+    if problem_type == "multi_label" and opts.labels is not None:
+        task_keys["labels_not_in_labels"] = dict(sorted(scan_result.labels_removed.items()))
+    if max_length_auto is not None:
+        task_keys["max_length_auto"] = max_length_auto
     return {
         "format_version": data_prep.FORMAT_VERSION,
         "bertfit_version": data_prep.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "task": "pair" if pairs else "single",
+        "problem_type": problem_type,
         "labels": label_names,
+        **task_keys,
         "tokenizer": {"name_or_path": opts.tokenizer, "fingerprint": tokenizer_fingerprint(tok),
                       "class": type(tok).__name__, "vocab_size": len(tok)},
         "chunking": settings.as_dict(),

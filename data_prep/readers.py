@@ -267,6 +267,7 @@ def _iter_rows(source: Source, columns: list[str], encodings: tuple[str, ...]) -
     elif f == "saved":
         ds = _load_saved(source).select_columns(columns)
         label_names = _class_label_names(ds)
+        list_label_names = _list_class_label_names(ds)
         row = 0
         for batch in ds.iter(batch_size=1024):
             n = len(next(iter(batch.values())))
@@ -274,15 +275,42 @@ def _iter_rows(source: Source, columns: list[str], encodings: tuple[str, ...]) -
                 row += 1
                 record = {c: batch[c][i] for c in columns}
                 for c, names in label_names.items():
-                    if record[c] is not None and 0 <= record[c] < len(names):
+                    if record[c] == -1:  # the Hub's "no label" (e.g. an unlabeled test split)
+                        record[c] = NO_LABEL
+                    elif record[c] is not None and 0 <= record[c] < len(names):
                         record[c] = names[record[c]]
+                for c, names in list_label_names.items():
+                    ids = record[c]
+                    if ids is None:
+                        continue
+                    if -1 in ids:
+                        record[c] = NO_LABEL
+                    else:
+                        record[c] = [names[k] if k is not None and 0 <= k < len(names) else k for k in ids]
                 yield f"{source.name}: row {row}", record
+
+
+class NoLabel(int):
+    """A ClassLabel -1 ("no label" on the Hub). Equal to -1 wherever it is used as a plain value (ids, groups,
+    splits); data_prep drops such rows when it is the label (reason "unlabeled")."""
+
+
+NO_LABEL = NoLabel(-1)
 
 
 def _class_label_names(ds) -> dict[str, list[str]]:
     import datasets
 
     return {c: feat.names for c, feat in ds.features.items() if isinstance(feat, datasets.ClassLabel)}
+
+
+def _list_class_label_names(ds) -> dict[str, list[str]]:
+    """Columns holding lists of ClassLabel ids (multi-label sets saved as Sequence(ClassLabel))."""
+    import datasets
+
+    return {c: feat.feature.names for c, feat in ds.features.items()
+            if not isinstance(feat, datasets.ClassLabel) and isinstance(getattr(feat, "feature", None),
+                                                                       datasets.ClassLabel)}
 
 
 def _iter_csv(source: Source, columns: list[str], encodings: tuple[str, ...], delimiter: str):

@@ -13,15 +13,19 @@ import numpy as np
 import pyarrow as pa
 
 
-def window_features(pairs: bool):
+def window_features(pairs: bool, problem_type: str = "single_label", num_labels: int | None = None):
+    """The shard columns. ``label`` is an int64 class id (single_label), a multi-hot list of int8 of length
+    ``num_labels`` (multi_label; the length is not part of the type) or a float32 target (regression)."""
     import datasets
 
     seq = getattr(datasets, "List", None) or datasets.Sequence
     cols = {"input_ids": seq(datasets.Value("int32"))}
     if pairs:
         cols["token_type_ids"] = seq(datasets.Value("int8"))
+    label = {"single_label": datasets.Value("int64"), "multi_label": seq(datasets.Value("int8")),
+             "regression": datasets.Value("float32")}[problem_type]
     cols.update({
-        "label": datasets.Value("int64"),
+        "label": label,
         "doc_id": datasets.Value("int64"),
         "id": datasets.Value("string"),
         "chunk_index": datasets.Value("int32"),
@@ -156,7 +160,16 @@ def columns_to_table(columns: dict, labels: np.ndarray, doc_ids: np.ndarray, ids
     arrays = []
     for field in schema:
         name = field.name
-        if name == "label":
+        if name == "label" and pa.types.is_list(field.type):  # multi-hot rows [windows, labels]
+            rows, width = labels.shape
+            offsets = np.arange(0, rows * width + 1, width, dtype=np.int32)
+            arr = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                           pa.array(labels.reshape(-1).astype(np.int8), pa.int8()))
+            if arr.type != field.type:
+                arr = arr.cast(field.type)
+        elif name == "label" and pa.types.is_floating(field.type):
+            arr = pa.array(np.asarray(labels, dtype=np.float32), type=field.type)
+        elif name == "label":
             arr = pa.array(labels, type=field.type)
         elif name == "doc_id":
             arr = pa.array(doc_ids, type=field.type)
