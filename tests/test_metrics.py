@@ -1,8 +1,9 @@
-"""The shipped evaluate modules (train/metrics/<name>/<name>.py: accuracy, precision_recall_f1) and the
-train.metrics API.
+"""The shipped evaluate modules (train/metrics/<name>/<name>.py: accuracy, precision_recall_f1, regression)
+and the train.metrics API for single_label (multi_label and regression: tests/test_evaluation_tasks.py).
 
-Every number is checked against scikit-learn (a test/bench dependency only: the modules themselves
-are numpy-only). Loading is checked offline, in fresh processes, and with two processes at once.
+The modules call scikit-learn; every number is still checked against a direct scikit-learn call, so a
+wrong argument passed through (labels, average, zero_division, ...) shows. Loading is checked offline,
+in fresh processes, and with two processes at once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pytest
 import train.metrics as tm
 
 NAMES5 = ["world", "sports", "business", "sci/tech", "other label"]
+CLASSIFICATION_MODULES = ("accuracy", "precision_recall_f1")  # what load_classification_metrics returns
 PRF = ("precision", "recall", "f1")  # the keys precision_recall_f1 returns, in sklearn's order
 
 
@@ -260,7 +262,7 @@ def test_invalid_arguments_raise(modules, prf):
         prf.compute(predictions=[0, 1], references=[0, 1], average="macro", labels=[0, 1, 1])
     with pytest.raises(ValueError):
         modules["accuracy"].compute(predictions=[0, 1], references=[0])
-    for name in tm.METRIC_NAMES:
+    for name in CLASSIFICATION_MODULES:
         with pytest.raises(ValueError):
             modules[name].compute(predictions=[], references=[])
 
@@ -279,14 +281,16 @@ def test_module_info(modules):
 
 def test_metric_files_live_where_package_data_expects_them():
     assert tm.METRICS_DIR == Path(tm.__file__).resolve().parent
-    assert tm.METRIC_NAMES == ("accuracy", "precision_recall_f1")
+    assert tm.METRIC_NAMES == ("accuracy", "precision_recall_f1", "regression")
     for name in tm.METRIC_NAMES:
         path = tm.metric_path(name)
         assert path == tm.METRICS_DIR / name / f"{name}.py" and path.is_file()
         # pyproject.toml ships train/"metrics/*/*.py" as package data
         assert fnmatch.fnmatch(path.relative_to(tm.METRICS_DIR.parent).as_posix(), "metrics/*/*.py")
         source = path.read_text()
-        assert not re.search(r"^\s*(import|from)\s+(sklearn|torch)\b", source, re.M), name
+        # the numbers come from scikit-learn (issue 17), not from a re-implementation; no torch
+        assert re.search(r"^from sklearn\.metrics import ", source, re.M), name
+        assert not re.search(r"^\s*(import|from)\s+torch\b", source, re.M), name
     # no other (stale) module script ships next to them
     assert sorted(p.parent.name for p in tm.METRICS_DIR.glob("*/*.py")) == sorted(tm.METRIC_NAMES)
     for name in ("bleu", "precision", "recall", "f1"):
@@ -296,8 +300,8 @@ def test_metric_files_live_where_package_data_expects_them():
 
 def test_load_is_cached_and_uses_local_modules(modules):
     again = tm.load_classification_metrics()
-    assert set(again) == set(tm.METRIC_NAMES)
-    for name in tm.METRIC_NAMES:
+    assert set(again) == set(CLASSIFICATION_MODULES)
+    for name in CLASSIFICATION_MODULES:
         assert again[name] is modules[name]
         # evaluate imported our script (copied into its modules cache), not a Hub module
         assert Path(inspect.getfile(type(modules[name]))).read_text() == tm.metric_path(name).read_text()
@@ -362,7 +366,7 @@ def test_classification_metrics_counts_classes_missing_from_eval_set(skm):
 
 def test_classification_metrics_goes_through_the_evaluate_modules(modules, monkeypatch):
     calls = []
-    for name in tm.METRIC_NAMES:
+    for name in CLASSIFICATION_MODULES:
         module = modules[name]
         original = module.compute
 
@@ -558,7 +562,7 @@ def test_modules_load_offline_from_local_paths(two_fresh_processes):
     cache_root = two_fresh_processes[0]
     (_, _, files, values), _ = _successful(two_fresh_processes)
     modules_cache = (cache_root / "modules").resolve()
-    assert set(files) == set(tm.METRIC_NAMES)
+    assert set(files) == set(CLASSIFICATION_MODULES)
     for name, file in files.items():
         # evaluate copied our script into the (fresh) modules cache and imported it from there
         assert Path(file).resolve().is_relative_to(modules_cache), file

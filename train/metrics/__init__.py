@@ -1,15 +1,23 @@
-"""Classification metrics for the training loop and the evaluate CLI, computed through `evaluate`.
+"""Metrics for the training loop and the evaluate CLI, per problem type, computed through `evaluate`
+modules that call scikit-learn (as the Hub's own ``accuracy`` and ``f1`` modules do).
 
-bertfit ships its own `evaluate` modules (``train/metrics/<name>/<name>.py``; numpy only) because
-``evaluate`` ships none and ``evaluate.load("accuracy")`` needs the Hub. Loading them by local path
-works with ``HF_HUB_OFFLINE=1``. There are two:
+bertfit ships its own `evaluate` modules (``train/metrics/<name>/<name>.py``) because
+``evaluate.load("accuracy")`` needs the Hub. Loading them by local path works with
+``HF_HUB_OFFLINE=1``. There are three:
 
-* ``accuracy``: ``{"accuracy": ...}``, like the Hub's ``accuracy``.
-* ``precision_recall_f1``: ``{"precision": ..., "recall": ..., "f1": ...}`` from one count of TP, FP
-  and FN, with the arguments of the Hub's ``precision``/``recall``/``f1`` (``labels``, ``pos_label``,
-  ``average``, ``sample_weight``, ``zero_division``). One module rather than three because an
-  `evaluate` module must be a single self-contained file, so three modules would each carry a copy
-  of the counting code.
+* ``accuracy``: ``{"accuracy": ...}`` from ``sklearn.metrics.accuracy_score``, like the Hub's
+  ``accuracy``; with ``config_name="multilabel"`` it takes multi-hot rows (subset accuracy).
+* ``precision_recall_f1``: ``{"precision": ..., "recall": ..., "f1": ...}`` from one
+  ``sklearn.metrics.precision_recall_fscore_support`` call, with the arguments of the Hub's
+  ``precision``/``recall``/``f1`` (``labels``, ``pos_label``, ``average``, ``sample_weight``,
+  ``zero_division``); ``config_name="multilabel"`` takes multi-hot rows and allows
+  ``average="samples"``. One module rather than three: one call gives all three scores.
+* ``regression``: ``{"mse", "mae", "pearson", "spearman"}`` (scikit-learn's mean_squared_error and
+  mean_absolute_error, scipy.stats' pearsonr and spearmanr).
+
+Which modules a problem type uses: :func:`load_metric_modules`. The flat metric dicts the loop logs:
+:func:`classification_metrics` (single_label), :func:`multilabel_metrics`, :func:`regression_metrics`;
+their names without computing anything: :func:`metric_names`; whether higher is better: :func:`metric_mode`.
 
 How `evaluate` treats a local module, and what this file does about it:
 
@@ -24,8 +32,8 @@ How `evaluate` treats a local module, and what this file does about it:
   ``keep_in_memory=True`` (no cache files, no locks during compute) and a per-process
   ``experiment_id`` anyway, so concurrent jobs never wait on each other.
 
-Import cost: this module imports only numpy; `evaluate` is imported on the first
-:func:`load_classification_metrics` call.
+Import cost: this module imports only numpy; `evaluate` (and scikit-learn) are imported on the first
+load of the modules.
 """
 
 from __future__ import annotations
@@ -46,23 +54,39 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "METRICS_DIR",
     "METRIC_NAMES",
+    "PROBLEM_TYPES",
     "classification_metrics",
     "confusion_matrix",
     "load_classification_metrics",
+    "load_metric_modules",
+    "metric_mode",
     "metric_names",
     "metric_path",
+    "multilabel_metrics",
+    "regression_metrics",
     "sanitize_label_name",
 ]
 
 METRICS_DIR = Path(__file__).resolve().parent
 """The folder holding the evaluate modules, one ``<name>/<name>.py`` per name in :data:`METRIC_NAMES`."""
 
-METRIC_NAMES = ("accuracy", "precision_recall_f1")
+METRIC_NAMES = ("accuracy", "precision_recall_f1", "regression")
+
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+
+# module name -> evaluate config name, per problem type
+_MODULES_BY_PROBLEM = {
+    "single_label": {"accuracy": None, "precision_recall_f1": None},
+    "multi_label": {"accuracy": "multilabel", "precision_recall_f1": "multilabel"},
+    "regression": {"regression": None},
+}
 
 _RESERVED_SUFFIXES = frozenset({"macro", "micro", "weighted", "binary"})
+# multi_label also reports f1_samples; single_label keeps today's keys for a label named "samples"
+_RESERVED_SUFFIXES_MULTI = _RESERVED_SUFFIXES | {"samples"}
 
 _load_lock = threading.Lock()
-_loaded: dict[tuple[int, str | None], dict[str, Any]] = {}
+_loaded: dict[tuple[int, str | None, str], dict[str, Any]] = {}
 
 
 def metric_path(name: str) -> Path:
@@ -72,8 +96,18 @@ def metric_path(name: str) -> Path:
     return METRICS_DIR / name / f"{name}.py"
 
 
-def load_classification_metrics(cache_dir: str | os.PathLike | None = None) -> dict[str, "evaluate.EvaluationModule"]:
-    """Load the shipped modules (:data:`METRIC_NAMES`) once per process; returns ``{name: EvaluationModule}``.
+def check_problem_type(problem_type: str) -> str:
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)}, got {problem_type!r}")
+    return problem_type
+
+
+def load_metric_modules(problem_type: str = "single_label", cache_dir: str | os.PathLike | None = None
+                        ) -> dict[str, "evaluate.EvaluationModule"]:
+    """Load the shipped modules a problem type uses once per process; returns ``{name: EvaluationModule}``.
+
+    single_label: ``accuracy`` and ``precision_recall_f1``; multi_label: the same two in their
+    ``multilabel`` configuration; regression: ``regression``.
 
     Works offline: each module is loaded from its local path. Modules are kept in memory
     (``keep_in_memory=True``) with a per-process ``experiment_id``, so several processes can load and
@@ -83,7 +117,8 @@ def load_classification_metrics(cache_dir: str | os.PathLike | None = None) -> d
     The returned modules are shared within the process; they are not thread-safe (``compute`` buffers
     its inputs on the instance), so do not call the same one from two threads at once.
     """
-    key = (os.getpid(), None if cache_dir is None else str(cache_dir))
+    check_problem_type(problem_type)
+    key = (os.getpid(), None if cache_dir is None else str(cache_dir), problem_type)
     with _load_lock:
         modules = _loaded.get(key)
         if modules is None:
@@ -91,12 +126,13 @@ def load_classification_metrics(cache_dir: str | os.PathLike | None = None) -> d
 
             experiment_id = f"bertfit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             modules = {}
-            for name in METRIC_NAMES:
+            for name, config_name in _MODULES_BY_PROBLEM[problem_type].items():
                 path = metric_path(name)
                 if not path.is_file():
                     raise FileNotFoundError(f"metric module {path} is missing from the bertfit install")
                 modules[name] = evaluate.load(
                     str(path),
+                    config_name=config_name,
                     keep_in_memory=True,
                     experiment_id=experiment_id,
                     cache_dir=None if cache_dir is None else str(cache_dir),
@@ -105,12 +141,27 @@ def load_classification_metrics(cache_dir: str | os.PathLike | None = None) -> d
     return dict(modules)
 
 
+def load_classification_metrics(cache_dir: str | os.PathLike | None = None) -> dict[str, "evaluate.EvaluationModule"]:
+    """The single_label modules (``accuracy``, ``precision_recall_f1``): :func:`load_metric_modules`
+    for ``"single_label"``, kept under its old name for the callers that use it."""
+    return load_metric_modules("single_label", cache_dir)
+
+
+def metric_mode(name: str) -> str:
+    """``"min"`` for losses and errors (``loss``, ``mse``, ``mae``, with or without a ``doc_`` /
+    ``window_`` prefix), ``"max"`` for every other metric (accuracy, F1, precision, recall, correlations).
+
+    Matched on the whole name after the prefix, so a per-label key such as ``f1_gloss`` stays "max"."""
+    bare = re.sub(r"^(doc|window)_", "", str(name))
+    return "min" if bare in ("loss", "mse", "mae") else "max"
+
+
 def sanitize_label_name(name: str) -> str:
     """Replace every character outside ``[A-Za-z0-9_]`` by ``_`` ("sci/tech" -> "sci_tech")."""
     return re.sub(r"[^A-Za-z0-9_]", "_", str(name))
 
 
-def _label_keys(label_names: Sequence[str]) -> list[str]:
+def _label_keys(label_names: Sequence[str], reserved: frozenset[str] = _RESERVED_SUFFIXES) -> list[str]:
     """One unique, sanitized key part per label, in label-id order.
 
     An empty name, a name that would clash with an average key (``f1_macro``, ``f1_binary``, ...) or a
@@ -123,7 +174,7 @@ def _label_keys(label_names: Sequence[str]) -> list[str]:
         key = sanitize_label_name(name)
         if not key:
             key = f"label_{idx}"
-        if key in _RESERVED_SUFFIXES or key in used:
+        if key in reserved or key in used:
             key = f"{key}_{idx}"
         while key in used:  # pathological names such as ["a_1", "a", "a"]
             key = f"{key}_{idx}"
@@ -178,10 +229,25 @@ def _checked_pair(
     return y_pred, y_true
 
 
-def metric_names(label_names: Sequence[str]) -> list[str]:
-    """The keys :func:`classification_metrics` returns for these labels (without prefix), known without
-    loading `evaluate`: for validating a metric name before training starts."""
-    names = ["accuracy", "precision_macro", "recall_macro", "f1_macro"]
+def metric_names(label_names: Sequence[str], problem_type: str = "single_label") -> list[str]:
+    """The unprefixed metric names the evaluation reports for these labels and problem type (``loss`` first),
+    known without loading `evaluate`: for validating ``early_stopping.metric`` (with a ``doc_`` or
+    ``window_`` prefix) before training starts.
+
+    single_label: loss, accuracy, precision_macro, recall_macro, f1_macro, f1_<label>..., f1_binary (2 labels).
+    multi_label: loss (BCE), f1_micro, f1_macro, f1_samples, f1_<label>..., subset_accuracy, precision_micro,
+    recall_micro. regression: loss (= MSE), mse, mae, pearson, spearman.
+    """
+    check_problem_type(problem_type)
+    if isinstance(label_names, str):
+        raise TypeError("label_names must be a sequence of names, not a single string")
+    if problem_type == "regression":
+        return ["loss", "mse", "mae", "pearson", "spearman"]
+    if problem_type == "multi_label":
+        keys = _label_keys(list(label_names), _RESERVED_SUFFIXES_MULTI)
+        return (["loss", "f1_micro", "f1_macro", "f1_samples"] + [f"f1_{key}" for key in keys]
+                + ["subset_accuracy", "precision_micro", "recall_micro"])
+    names = ["loss", "accuracy", "precision_macro", "recall_macro", "f1_macro"]
     names += [f"f1_{key}" for key in _label_keys(list(label_names))]
     return names + (["f1_binary"] if len(label_names) == 2 else [])
 
@@ -237,12 +303,87 @@ def classification_metrics(
     return {f"{prefix}{key}": float(value) for key, value in results.items()}
 
 
-def confusion_matrix(predictions: Any, references: Any, num_labels: int) -> np.ndarray:
-    """``(num_labels, num_labels)`` int64 counts; rows are true labels, columns predicted labels.
+def _as_multi_hot(values: Any, what: str, num_labels: int) -> np.ndarray:
+    """A [N, num_labels] int64 array of 0/1 (lists, numpy arrays, torch tensors, bools)."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.ndim != 2 or array.shape[1] != num_labels:
+        raise ValueError(f"{what} must be multi-hot rows of {num_labels} labels, got shape {array.shape}")
+    if array.size and not np.all((array == 0) | (array == 1)):
+        raise ValueError(f"{what} must hold only 0 and 1 (multi-hot); threshold probabilities first")
+    return array.astype(np.int64)
 
-    Pure numpy. Empty inputs give an all-zero matrix; class ids outside ``[0, num_labels)`` raise.
+
+def multilabel_metrics(predictions: Any, references: Any, label_names: Sequence[str], prefix: str = "",
+                       ) -> dict[str, float]:
+    """Multi-label scores from multi-hot rows ``[N, len(label_names)]``, by the shipped modules in their
+    ``multilabel`` configuration: ``f1_micro``, ``f1_macro``, ``f1_samples``, ``f1_<label>``,
+    ``subset_accuracy``, ``precision_micro``, ``recall_micro`` (each prefixed by ``prefix``).
+
+    Every label is scored (``labels=range(L)``) with ``zero_division=0``: a label never present and never
+    predicted scores 0 and counts in ``f1_macro``, and a row with no true and no predicted label scores 0
+    in ``f1_samples`` (scikit-learn's convention), as single_label does for absent classes.
+    """
+    if isinstance(label_names, str):
+        raise TypeError("label_names must be a sequence of names, not a single string")
+    label_names = list(label_names)
+    num_labels = len(label_names)
+    y_pred = _as_multi_hot(predictions, "predictions", num_labels)
+    y_true = _as_multi_hot(references, "references", num_labels)
+    if y_pred.shape[0] != y_true.shape[0]:
+        raise ValueError(f"predictions and references differ in length: {y_pred.shape[0]} vs {y_true.shape[0]}")
+    if y_true.shape[0] == 0:
+        raise ValueError("cannot compute multi-label metrics on an empty evaluation set (0 examples)")
+    modules = load_metric_modules("multi_label")
+    prf = modules["precision_recall_f1"]
+    labels = list(range(num_labels))
+    per_label = prf.compute(predictions=y_pred, references=y_true, labels=labels, average=None, zero_division=0.0)
+    micro = prf.compute(predictions=y_pred, references=y_true, labels=labels, average="micro", zero_division=0.0)
+    samples = prf.compute(predictions=y_pred, references=y_true, labels=labels, average="samples",
+                          zero_division=0.0)
+    f1 = np.asarray(per_label["f1"], dtype=np.float64).reshape(-1)
+    results = {"f1_micro": micro["f1"], "f1_macro": np.mean(f1), "f1_samples": samples["f1"]}
+    for key, value in zip(_label_keys(label_names, _RESERVED_SUFFIXES_MULTI), f1):
+        results[f"f1_{key}"] = value
+    results["subset_accuracy"] = modules["accuracy"].compute(predictions=y_pred, references=y_true)["accuracy"]
+    results["precision_micro"] = micro["precision"]
+    results["recall_micro"] = micro["recall"]
+    return {f"{prefix}{key}": float(value) for key, value in results.items()}
+
+
+def regression_metrics(predictions: Any, references: Any, prefix: str = "") -> dict[str, float]:
+    """``mse``, ``mae``, ``pearson``, ``spearman`` (each prefixed by ``prefix``) by the shipped ``regression``
+    module. The correlations are NaN where they are undefined (a constant side, fewer than 2 examples)."""
+    values = []
+    for what, array in (("predictions", predictions), ("references", references)):
+        if hasattr(array, "detach") and hasattr(array, "cpu"):
+            array = array.detach().cpu().numpy()
+        array = np.asarray(array, dtype=np.float64)
+        if array.ndim != 1:
+            raise ValueError(f"{what} must be a 1-D sequence of values, got shape {array.shape}")
+        values.append(array)
+    y_pred, y_true = values
+    if y_pred.shape[0] != y_true.shape[0]:
+        raise ValueError(f"predictions and references differ in length: {y_pred.shape[0]} vs {y_true.shape[0]}")
+    if y_true.shape[0] == 0:
+        raise ValueError("cannot compute regression metrics on an empty evaluation set (0 examples)")
+    out = load_metric_modules("regression")["regression"].compute(predictions=y_pred, references=y_true)
+    return {f"{prefix}{key}": float(out[key]) for key in ("mse", "mae", "pearson", "spearman")}
+
+
+def confusion_matrix(predictions: Any, references: Any, num_labels: int) -> np.ndarray:
+    """``(num_labels, num_labels)`` int64 counts from ``sklearn.metrics.confusion_matrix`` with
+    ``labels=range(num_labels)``; rows are true labels, columns predicted labels.
+
+    Empty inputs give an all-zero matrix (scikit-learn refuses them); class ids outside
+    ``[0, num_labels)`` raise.
     """
     num_labels = int(num_labels)
     y_pred, y_true = _checked_pair(predictions, references, num_labels, allow_empty=True)
-    counts = np.bincount(y_true * num_labels + y_pred, minlength=num_labels * num_labels)
-    return counts.reshape(num_labels, num_labels).astype(np.int64, copy=False)
+    if y_true.shape[0] == 0:
+        return np.zeros((num_labels, num_labels), dtype=np.int64)
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    matrix = sk_confusion_matrix(y_true, y_pred, labels=list(range(num_labels)))
+    return matrix.astype(np.int64, copy=False)
