@@ -14,9 +14,24 @@ import yaml
 EXPORT_INFO = "bertfit.json"
 
 
-def export_model(accelerator, model, tokenizer, out_dir: str | Path, info: dict) -> Path:
+# bertfit's problem types and the names transformers uses for them in config.json: ``pipeline`` picks
+# softmax / sigmoid / identity from ``config.problem_type``.
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+                    "regression": "regression"}
+# Document pooling an export may record, per problem type (train.evaluation.allowed_poolings computes them).
+EXPORT_POOLINGS = {"single_label": ("mean", "max", "max_positive"), "multi_label": ("max", "mean"),
+                   "regression": ("mean",)}
+REGRESSION_OUTPUT = "value"  # the single output's name in config.json's id2label
+
+
+def export_model(accelerator, model, tokenizer, out_dir: str | Path, info: dict,
+                 output_scale: tuple[float, float] | None = None) -> Path:
     """Collective: every rank calls it (under ZeRO-3 the full weights are gathered from all ranks; calling
-    this on rank 0 only would deadlock). Rank 0 writes to a temporary folder, then swaps it into place."""
+    this on rank 0 only would deadlock). Rank 0 writes to a temporary folder, then swaps it into place.
+
+    output_scale = (mean, std): a regression model trained on standardised targets; the export's final head
+    layer is rescaled so the saved model outputs raw values (the live model is left as it is)."""
     out = Path(out_dir)
     state_dict = accelerator.get_state_dict(model)  # full, 16-bit-gathered under ZeRO-3 (None on ranks > 0)
     if accelerator.is_main_process:
@@ -25,9 +40,12 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, info: dict)
             shutil.rmtree(tmp)
         unwrapped = accelerator.unwrap_model(model)
         dtype = export_dtype(unwrapped)
+        if output_scale is not None:
+            state_dict = fold_output_scale(unwrapped, state_dict, *output_scale)
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         _set_config_dtype(unwrapped, tmp, dtype)
+        _set_config_task(tmp, info)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(info.get("metrics", {}), indent=2) + "\n")
@@ -41,6 +59,58 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, info: dict)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out
+
+
+def output_layer_name(model) -> str:
+    """The module name of the classification head's final Linear (``classifier`` for BERT/DistilBERT/DeBERTa/
+    ModernBERT, ``classifier.out_proj`` for RoBERTa/XLM-R/ELECTRA): the last Linear outside the encoder whose
+    out_features is num_labels. Reads module attributes, not weight shapes (ZeRO-3 partitions the weights)."""
+    base = getattr(model, "base_model_prefix", "") or ""
+    num_labels = model.config.num_labels
+    found = None
+    for name, module in model.named_modules():
+        if base and (name == base or name.startswith(base + ".")):
+            continue
+        if isinstance(module, torch.nn.Linear) and module.out_features == num_labels:
+            found = name
+    if found is None:
+        raise ValueError(f"no Linear layer with {num_labels} output(s) in the classification head of "
+                         f"{type(model).__name__}")
+    return found
+
+
+def fold_output_scale(model, state_dict: dict, mean: float, std: float) -> dict:
+    """A copy of ``state_dict`` whose final head layer outputs ``mean + std * output``: W*std and b*std + mean.
+    The two folded tensors are float64; the tensors of ``state_dict`` (on one process, the live parameters
+    themselves) are not modified."""
+    if model.config.num_labels != 1:
+        raise ValueError(f"output_scale applies to a one-output regression head, the model has "
+                         f"{model.config.num_labels} outputs")
+    layer = output_layer_name(model)
+    weight, bias = f"{layer}.weight", f"{layer}.bias"
+    if weight not in state_dict or bias not in state_dict:
+        raise ValueError(f"output_scale: the state dict has no {weight} and {bias} (a head without a bias cannot "
+                         "add the target mean)")
+    folded = dict(state_dict)
+    # left in float64: export_model casts them to the export's dtype (a 16-bit round trip here would lose bits)
+    folded[weight] = state_dict[weight].double() * float(std)
+    folded[bias] = state_dict[bias].double() * float(std) + float(mean)
+    return folded
+
+
+def _set_config_task(folder: Path, info: dict) -> None:
+    """config.json's ``problem_type`` and label maps, so ``transformers.pipeline`` applies softmax (one label),
+    sigmoid (multi-label) or nothing (regression) and names the outputs as bertfit does."""
+    if "labels" not in info:
+        return
+    problem_type = info.get("problem_type", "single_label")
+    names = [REGRESSION_OUTPUT] if problem_type == "regression" else list(info["labels"])
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["problem_type"] = HF_PROBLEM_TYPES[problem_type]
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_dtype(model) -> torch.dtype:
@@ -104,10 +174,16 @@ def read_export_info(model_dir: str | Path) -> dict:
     for key in ("labels", "chunking"):
         if key not in info:
             raise ValueError(f"{EXPORT_INFO}: missing key {key!r}")
+    problem_type = info.get("problem_type", "single_label")  # exports without the key are single-label
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"{EXPORT_INFO}: 'problem_type' must be one of {', '.join(PROBLEM_TYPES)}, got "
+                         f"{json.dumps(problem_type)[:80]}")
     labels = info["labels"]
-    if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
-            or len(set(labels)) != len(labels)):
-        raise ValueError(f"{EXPORT_INFO}: 'labels' must be a non-empty list of distinct strings, got "
+    # a regression model has one output and no class names: [] (or one name)
+    allowed_counts = "at most one" if problem_type == "regression" else "a non-empty"
+    if (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels)
+            or (len(labels) > 1 if problem_type == "regression" else not labels)):
+        raise ValueError(f"{EXPORT_INFO}: 'labels' must be {allowed_counts} list of distinct strings, got "
                          f"{_json_type(labels) if not isinstance(labels, list) else json.dumps(labels)[:80]}")
     chunking = info["chunking"]
     if not isinstance(chunking, dict):
@@ -120,10 +196,29 @@ def read_export_info(model_dir: str | Path) -> dict:
             raise ValueError(f"{EXPORT_INFO}: missing key 'chunking.{key}'")
         if not _is_int(value) or value < 1:
             raise ValueError(f"{EXPORT_INFO}: 'chunking.{key}' must be a positive integer, got {json.dumps(value)}")
-    choices = {"pooling": ("mean", "max"), "task": ("single", "pair")}
+    choices = {"pooling": EXPORT_POOLINGS[problem_type], "task": ("single", "pair")}
     for key, allowed in choices.items():
         if key in info and info[key] not in allowed:
-            raise ValueError(f"{EXPORT_INFO}: {key!r} must be one of {', '.join(allowed)}, got {json.dumps(info[key])}")
+            what = f" for a {problem_type} model" if key == "pooling" and problem_type != "single_label" else ""
+            raise ValueError(f"{EXPORT_INFO}: {key!r} must be one of {', '.join(allowed)}{what}, got "
+                             f"{json.dumps(info[key])[:80]}")
+    thresholds = info.get("thresholds")
+    if thresholds is not None:
+        if (problem_type != "multi_label" or not isinstance(thresholds, list) or len(thresholds) != len(labels)
+                or not all((_is_int(t) or isinstance(t, float)) and 0.0 <= t <= 1.0 for t in thresholds)):
+            want = (f"null or a list of {len(labels)} numbers in [0, 1] (one per label)"
+                    if problem_type == "multi_label" else f"null for a {problem_type} model")
+            raise ValueError(f"{EXPORT_INFO}: 'thresholds' must be {want}, got {json.dumps(thresholds)[:80]}")
+    clean = info.get("clean")
+    if clean is not None:
+        from data_prep.clean import CLEAN_STEPS
+
+        if not isinstance(clean, list) or not all(isinstance(step, str) and step in CLEAN_STEPS for step in clean):
+            raise ValueError(f"{EXPORT_INFO}: 'clean' must be a list of cleaning steps ({', '.join(CLEAN_STEPS)}), "
+                             f"got {json.dumps(clean)[:80]}")
+    target = info.get("target")
+    if target is not None and not isinstance(target, dict):
+        raise ValueError(f"{EXPORT_INFO}: 'target' must be an object, got {_json_type(target)}")
     fingerprint = info.get("tokenizer_fingerprint")
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise ValueError(f"{EXPORT_INFO}: 'tokenizer_fingerprint' must be a string, got {_json_type(fingerprint)}")
