@@ -11,8 +11,16 @@ import torch
 from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
 from data_prep.tokenizer import special_token_template, tokenizer_fingerprint
 from train.data import collate_windows
-from train.export import EXPORT_INFO, read_export_info, read_json_object
+from train.evaluation import allowed_poolings, default_pooling
+from train.export import EXPORT_INFO, HF_PROBLEM_TYPES, read_export_info, read_json_object
 from train.last_layer import cls_only_last_layer
+
+
+_PROBLEM_TYPE_OF_HF = {hf: ours for ours, hf in HF_PROBLEM_TYPES.items()}
+
+
+# The column holding a document's prediction (and the default name of a submission's second column).
+TARGET_COLUMN = {"single_label": "label", "multi_label": "labels", "regression": "value"}
 
 
 class InferenceError(Exception):
@@ -31,6 +39,56 @@ def check_positive(options: dict[str, int | None]) -> None:
     for option, value in options.items():
         if value is not None and value < 1:
             raise InferenceError(f"{option} {value}: must be >= 1")
+
+
+def check_threshold(threshold: float | None) -> None:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # also refuses nan
+        raise InferenceError(f"--threshold {threshold}: must be between 0 and 1")
+
+
+def decision_thresholds(threshold: float | None, info: dict) -> list[float] | None:
+    """Per-label thresholds of a multi-label model: --threshold for every label, else the export's."""
+    if info["problem_type"] != "multi_label":
+        if threshold is not None:
+            raise InferenceError(f"--threshold: only for multi-label models; this one is {info['problem_type']}")
+        return None
+    return [threshold] * len(info["labels"]) if threshold is not None else list(info["thresholds"])
+
+
+def check_pooling(pooling: str, info: dict, option: str = "--pooling") -> str:
+    """The pooling, if the model's problem type (and label count) allows it; one line naming the choices."""
+    problem_type = info["problem_type"]
+    allowed = allowed_poolings(problem_type)
+    if pooling not in allowed:
+        raise InferenceError(f"{option} {pooling}: not available for a {problem_type} model; choose from "
+                             f"{', '.join(allowed)}")
+    if pooling == "max_positive" and len(info["labels"]) != 2:
+        raise InferenceError(f"{option} max_positive: needs a 2-class model, this one has "
+                             f"{len(info['labels'])} classes")
+    return pooling
+
+
+def prediction(problem_type: str, labels: list[str], thresholds: list[float] | None, output):
+    """The document's prediction: a label (single-label), the list of labels at or over their thresholds
+    (multi-label) or the value (regression); None for a skipped document."""
+    if output is None:
+        return None
+    if problem_type == "single_label":
+        return labels[int(np.argmax(output))]
+    if problem_type == "multi_label":
+        return [name for name, p, t in zip(labels, output, thresholds) if p >= t]
+    return output
+
+
+def csv_cell(value) -> str:
+    """A prediction as a CSV cell: a label, a ';'-joined set, a float at full precision, '' when skipped."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -64,8 +122,10 @@ def _short(fingerprint: str) -> str:
 
 
 def load_export(model_dir: str | Path, device: str | None = None):
-    """(model in eval mode, tokenizer, info) from an exported folder. info holds labels, chunking, pooling and
-    max_positions (the model's position embeddings: the longest window it can take)."""
+    """(model in eval mode, tokenizer, info) from an exported folder. info holds labels ([] for regression),
+    problem_type, thresholds (multi_label: one per label, 0.5 when the export records none; else None), clean
+    (a tuple of data_prep.clean steps), task, chunking, pooling and max_positions (the model's position
+    embeddings: the longest window it can take)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -85,14 +145,18 @@ def load_export(model_dir: str | Path, device: str | None = None):
     id2label = config.get("id2label") or {}
     if not isinstance(id2label, dict):
         raise InferenceError(f"--model {model_dir}: config.json: 'id2label' must be an object")
+    # bertfit.json names the problem type; a plain save_pretrained folder's config.json may (HF names)
+    problem_type = info.get("problem_type") or _PROBLEM_TYPE_OF_HF.get(config.get("problem_type"), "single_label")
     labels = info.get("labels")
-    if not labels and id2label and not all(v == f"LABEL_{k}" for k, v in id2label.items()):
+    if problem_type == "regression":
+        labels = []  # one output, no class names
+    elif not labels and id2label and not all(v == f"LABEL_{k}" for k, v in id2label.items()):
         try:
             labels = [str(id2label[str(i)]) for i in range(len(id2label))]
         except KeyError as exc:
             raise InferenceError(f"--model {model_dir}: config.json: 'id2label' has no key {exc}; expected keys "
                                  f"0 to {len(id2label) - 1}") from None
-    if not labels:
+    if not labels and problem_type != "regression":
         raise InferenceError(f"--model {model_dir}: no label maps (no {EXPORT_INFO} and config.json has only "
                              "default LABEL_<n> names); export the model with bertfit's train")
     try:
@@ -113,13 +177,20 @@ def load_export(model_dir: str | Path, device: str | None = None):
         model = AutoModelForSequenceClassification.from_pretrained(path)
     except Exception as exc:
         raise InferenceError(f"--model {model_dir}: cannot load the model: {first_line(exc)}") from None
-    if len(labels) != model.config.num_labels:
+    if problem_type == "regression" and model.config.num_labels != 1:
+        raise InferenceError(f"--model {model_dir}: a regression model needs a classifier with 1 output, this one "
+                             f"has {model.config.num_labels}")
+    if problem_type != "regression" and len(labels) != model.config.num_labels:
         raise InferenceError(f"--model {model_dir}: {len(labels)} labels in {EXPORT_INFO}, but the classifier has "
                              f"{model.config.num_labels} outputs")
     model.to(torch_device).eval()
     cls_only_last_layer(model)  # same logits, the last layer computed for the first token only
-    info = {"labels": labels, "pooling": info.get("pooling", "mean"), "task": info.get("task", "single"),
-            "chunking": info.get("chunking"), **{k: v for k, v in info.items() if k not in ("labels",)},
+    thresholds = info.get("thresholds")
+    if problem_type == "multi_label" and thresholds is None:
+        thresholds = [0.5] * len(labels)  # the default decision threshold of training's metrics
+    info = {**info, "labels": labels, "problem_type": problem_type,
+            "pooling": info.get("pooling") or default_pooling(problem_type), "task": info.get("task", "single"),
+            "chunking": info.get("chunking"), "thresholds": thresholds, "clean": tuple(info.get("clean") or ()),
             "max_positions": getattr(model.config, "max_position_embeddings", None)}
     return model, tokenizer, info
 

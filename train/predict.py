@@ -1,11 +1,11 @@
-"""``python -m train.predict``: classify new texts of any length with an exported model.
+"""``python -m train.predict``: classify (or score, for regression) new texts of any length with an exported model.
 
     python -m train.predict --model runs/bbc/best --input new.csv --output predictions.csv
     echo "a text to classify" | python -m train.predict --model runs/bbc/best
 
-Each text is windowed with the settings the model was trained with (saved beside the export), windows of many
-documents are batched together, and window probabilities are pooled per document (mean or max), exactly as in
-evaluation. Memory stays flat however long a document is: only --batch-size windows go through the model at once.
+Each text is cleaned and windowed with the settings the model was trained with (saved beside the export), windows
+of many documents are batched together, and window outputs are pooled per document exactly as in evaluation.
+Memory stays flat however long a document is: only --batch-size windows go through the model at once.
 """
 
 from __future__ import annotations
@@ -22,33 +22,55 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.clean import clean_text
 from data_prep.errors import DataPrepError
 from data_prep.readers import Source, detect_format, is_missing, iter_rows, source_columns
-from train.evaluation import pool_document_logits
-from train.inference import (InferenceError, check_positive, chunk_settings, forward_windows, load_export,
+from train.evaluation import pool_documents, window_outputs
+from train.inference import (TARGET_COLUMN, InferenceError, check_pooling, check_positive, check_threshold,
+                             chunk_settings, csv_cell, decision_thresholds, forward_windows, load_export, prediction,
                              window_documents)
 
 
+OUTPUT_HELP = """output columns (CSV; JSONL has the same keys, sets as lists, probabilities as one object):
+  single-label model   id, label, prob_<label> for every label, windows
+  multi-label model    id, labels (the predicted set: every label whose probability >= its threshold, joined
+                       with ';'), prob_<label> for every label, windows
+  regression model     id, value, windows
+  --format submission  two columns: the id and the prediction, named by --submission-columns
+A row skipped by --on-empty skip has an empty prediction and windows 0.
+Exit status 0, or 2 with one error line."""
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Output columns: id, label, prob_<label> for every label, windows. "
-                                       "Exit status 0, or 2 with one error line.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=OUTPUT_HELP)
     p.add_argument("--model", required=True, help="an exported model folder (output_dir/best of a training run)")
     p.add_argument("--input", default="-", help="CSV/TSV/JSONL/Parquet file, a .txt file (one document), a folder "
                                                 "of .txt files (one document per file, id = relative path), or - "
-                                                "for standard input (one document per line). Default: -")
+                                                "for standard input (one document per non-blank line, id = line "
+                                                "number). Default: -")
     p.add_argument("--output", default="-", help="output .csv or .jsonl file, or - for standard output (CSV). "
                                                  "Written to a temporary name and renamed when complete. Default: -")
     p.add_argument("--format", default="full", choices=("full", "submission"),
-                   help="full: id, label, every label's probability, windows; submission: just id,label")
+                   help="full: the columns below; submission: just the id and the prediction")
+    p.add_argument("--submission-columns", default=None, metavar="ID,TARGET",
+                   help="names of the two columns of --format submission, e.g. PassengerId,Survived. Default: "
+                        "id,label (id,labels for a multi-label model, id,value for regression)")
     p.add_argument("--text-column", default="text", help="column with the text (table inputs). Default: text")
     p.add_argument("--text-pair-column", default=None,
-                   help="column with the second text (models trained on pairs). Default: text_pair if present")
+                   help="column with the second text; only for models trained on pairs. Default: text_pair for a "
+                        "pair model (a single-text model ignores a text_pair column)")
     p.add_argument("--id-column", default=None, help="column with document ids. Default: id if present, else the "
                                                      "row number")
-    p.add_argument("--pooling", choices=("mean", "max"), default=None,
-                   help="how window probabilities become one per document. Default: as in training")
+    p.add_argument("--on-empty", default="error", choices=("error", "skip", "predict"),
+                   help="a document whose text is empty (after the export's cleaning): error; skip (its row stays "
+                        "in the output with an empty prediction, so ids line up); or predict (run the model on "
+                        "the empty text). Default: error")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="multi-label models: predict a label when its probability >= this, for every label. "
+                        "Default: the export's thresholds (0.5 if it records none)")
+    p.add_argument("--pooling", choices=("mean", "max", "max_positive"), default=None,
+                   help="how window outputs become one per document: single-label mean, max or max_positive "
+                        "(2 classes); multi-label max or mean; regression mean. Default: as in training")
     p.add_argument("--chunk-size", type=int, default=None, help="content tokens per window. Default: as in training")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts. Default: as in training")
     p.add_argument("--max-length", type=int, default=None, help="window length incl. special tokens. Default: as "
@@ -62,8 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def iter_documents(args) -> tuple[list[str] | None, object]:
-    """(pair column used or None, iterator of (id, text, pair_text))."""
+def parse_submission_columns(value: str | None) -> tuple[str, str] | None:
+    """--submission-columns ID,TARGET: exactly two distinct, non-empty names."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",")]
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        raise InferenceError(f"--submission-columns {value}: give two distinct column names, e.g. id,target")
+    return names[0], names[1]
+
+
+def pair_column_for(args, pair_model: bool) -> str | None:
+    """The pair column to read: pair columns are used only for pair models (a single-text model fed a
+    ``text_pair`` column used to switch silently to pair encoding)."""
+    if not pair_model:
+        if args.text_pair_column is not None:
+            raise InferenceError(f"--text-pair-column {args.text_pair_column}: the model was trained on single "
+                                 "texts (bertfit.json task 'single'); pair columns are only for pair models")
+        return None
+    return args.text_pair_column or "text_pair"
+
+
+def iter_documents(args, pair_model: bool, clean: tuple[str, ...]):
+    """Iterator of (id, text, pair_text) documents, cleaned with the export's steps; text is None for an empty
+    document that --on-empty skip leaves unpredicted (pair_text is None for single-text models)."""
     encodings = tuple(e.strip() for e in args.encoding.split(",") if e.strip())
     if not encodings:
         raise InferenceError(f"--encoding {args.encoding!r}: give at least one encoding, e.g. utf-8,latin-1")
@@ -72,35 +116,58 @@ def iter_documents(args) -> tuple[list[str] | None, object]:
             codecs.lookup(encoding)
         except LookupError:
             raise InferenceError(f"--encoding {encoding}: unknown encoding") from None
-    if args.input == "-":
+    pair_col = pair_column_for(args, pair_model)
+    path = None if args.input == "-" else Path(args.input)
+    if path is not None and not path.exists():
+        raise InferenceError(f"--input {path}: no such file or folder")
+    is_table = path is not None and not (path.is_file() and path.suffix.lower() == ".txt") and not (
+        path.is_dir() and not (path / "state.json").exists())
+    if pair_col is not None and not is_table:
+        raise InferenceError(f"--model {args.model} was trained on text pairs; give a table input (CSV/TSV/JSONL/"
+                             f"Parquet) with the pair column {pair_col!r} (--text-pair-column)")
+
+    def document(doc_id: str, loc: str, text, pair=None):
+        """Clean, then apply --on-empty (emptiness judged after cleaning, as data_prep does)."""
+        text = "" if is_missing(text) else clean_text(str(text), clean)
+        if pair_col is not None:
+            pair = "" if is_missing(pair) else clean_text(str(pair), clean)
+        empty = next((col for col, t in ((args.text_column, text), (pair_col, pair))
+                      if col is not None and not t.strip()), None)
+        if empty is not None:
+            if args.on_empty == "error":
+                raise InferenceError(f"{loc}: empty text in column {empty!r}"
+                                     f"{' after cleaning (' + ','.join(clean) + ')' if clean else ''}; "
+                                     "--on-empty skip or predict keeps going")
+            if args.on_empty == "skip":
+                return doc_id, None, None
+        return doc_id, text, pair
+
+    if path is None:
         text = decode_stdin(sys.stdin.buffer.read(), encodings)
         lines = [line.rstrip("\n") for line in io.StringIO(text, newline=None)]  # \n, \r\n, \r: as TextIOWrapper
-        docs = [(str(i), line, None) for i, line in enumerate(lines, 1) if line.strip()]
-        return None, iter(docs)
-    path = Path(args.input)
-    if not path.exists():
-        raise InferenceError(f"--input {path}: no such file or folder")
+        # blank lines separate documents (ids stay line numbers); a line emptied by cleaning is an empty document
+        return (document(str(i), f"stdin: line {i}", line) for i, line in enumerate(lines, 1) if line.strip())
     if path.is_file() and path.suffix.lower() == ".txt":  # one document
         from data_prep.readers import pick_encoding
 
-        return None, iter([(path.name, path.read_text(encoding=pick_encoding(path, encodings, str(path))), None)])
-    if path.is_dir() and not (path / "state.json").exists():
+        return iter([document(path.name, str(path), path.read_text(encoding=pick_encoding(path, encodings,
+                                                                                           str(path))))])
+    if not is_table:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise InferenceError(f"--input {path}: no .txt files in the folder")
         from data_prep.readers import pick_encoding
 
-        return None, ((f.relative_to(path).as_posix(), f.read_text(encoding=pick_encoding(f, encodings, str(f))),
-                       None) for f in files)
+        return (document(f.relative_to(path).as_posix(), str(f),
+                         f.read_text(encoding=pick_encoding(f, encodings, str(f)))) for f in files)
     source = Source(path, detect_format(path))
     columns = source_columns(source, encodings)
     if args.text_column not in columns:
         raise InferenceError(f"{path}: no column {args.text_column!r} (--text-column); available columns: "
                              f"{', '.join(map(str, columns))}")
-    pair_col = args.text_pair_column or ("text_pair" if "text_pair" in columns else None)
     if pair_col is not None and pair_col not in columns:
-        raise InferenceError(f"{path}: no column {pair_col!r} (--text-pair-column); available columns: "
-                             f"{', '.join(map(str, columns))}")
+        raise InferenceError(f"{path}: no column {pair_col!r} (--text-pair-column): the model was trained on text "
+                             f"pairs; available columns: {', '.join(map(str, columns))}")
     id_col = args.id_column or ("id" if "id" in columns else None)
     if id_col is not None and id_col not in columns:
         raise InferenceError(f"{path}: no column {id_col!r} (--id-column); available columns: "
@@ -114,13 +181,10 @@ def iter_documents(args) -> tuple[list[str] | None, object]:
                                    (id_col, "--id-column")):
                 if column is not None and column not in record:
                     raise InferenceError(f"{loc}: no key {column!r} ({option})")
-            text = record[args.text_column]
-            if is_missing(text):
-                raise InferenceError(f"{loc}: empty text in column {args.text_column!r}")
-            pair = record[pair_col] if pair_col else None
-            yield (str(record[id_col]) if id_col else str(n)), str(text), (str(pair) if pair is not None else None)
+            yield document(str(record[id_col]) if id_col else str(n), loc, record[args.text_column],
+                           record[pair_col] if pair_col else None)
 
-    return pair_col, rows()
+    return rows()
 
 
 def decode_stdin(data: bytes, encodings: tuple[str, ...]) -> str:
@@ -161,18 +225,41 @@ def blocks(docs, size: int):
         yield block
 
 
-def predict_block(model, tokenizer, settings, pooling: str, batch_size: int, block, pairs: bool):
-    """(doc probabilities [docs, labels], windows per doc) for a block of (id, text, pair) documents."""
-    texts = [t for _, t, _ in block]
-    windows, types, doc_index = window_documents(tokenizer, texts, settings,
-                                                 [p for _, _, p in block] if pairs else None)
+def predict_block(model, tokenizer, settings, problem_type: str, pooling: str, batch_size: int, block,
+                  pairs: bool) -> list[tuple[np.ndarray | float | None, int]]:
+    """(document output, windows) per (id, text, pair) document of a block: probabilities [labels]
+    (single/multi-label) or the value (regression); (None, 0) for a document skipped by --on-empty."""
+    kept = [i for i, (_, text, _) in enumerate(block) if text is not None]
+    results: list[tuple[np.ndarray | float | None, int]] = [(None, 0)] * len(block)
+    if not kept:
+        return results
+    windows, types, doc_index = window_documents(tokenizer, [block[i][1] for i in kept], settings,
+                                                 [block[i][2] for i in kept] if pairs else None)
     logits = forward_windows(model, windows, types, tokenizer.pad_token_id, batch_size)
-    _, probs = pool_document_logits(logits, doc_index, pooling)
-    return probs, np.bincount(doc_index, minlength=len(block))
+    window_tokens = np.asarray([len(w) for w in windows])  # weights of regression's mean, as in training
+    try:
+        _, pooled = pool_documents(window_outputs(logits, problem_type), doc_index, problem_type, pooling,
+                                   window_tokens)
+    except ValueError as exc:
+        raise InferenceError(f"--pooling {pooling}: {exc}") from None
+    counts = np.bincount(doc_index, minlength=len(kept))  # every document has at least one window
+    for k, i in enumerate(kept):
+        results[i] = (float(pooled[k]) if problem_type == "regression" else pooled[k], int(counts[k]))
+    return results
 
 
-def write_rows(args, labels: list[str], results) -> int:
+def output_header(args, problem_type: str, labels: list[str], submission_columns: tuple[str, str]) -> list[str]:
+    if args.format == "submission":
+        return list(submission_columns)
+    probs = [] if problem_type == "regression" else [f"prob_{name}" for name in labels]
+    return ["id", TARGET_COLUMN[problem_type], *probs, "windows"]
+
+
+def write_rows(args, info: dict, thresholds: list[float] | None, submission_columns: tuple[str, str],
+               results) -> int:
     """Stream result rows to --output (temporary file renamed at the end) or stdout; returns rows written."""
+    problem_type, labels = info["problem_type"], info["labels"]
+    target = TARGET_COLUMN[problem_type]
     out_path = None if args.output == "-" else Path(args.output)
     as_jsonl = out_path is not None and out_path.suffix.lower() in (".jsonl", ".json")
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}" if out_path else None
@@ -184,19 +271,25 @@ def write_rows(args, labels: list[str], results) -> int:
     try:
         writer = None if as_jsonl else csv.writer(fh)
         if writer:
-            writer.writerow(["id", "label"] if args.format == "submission"
-                            else ["id", "label", *[f"prob_{lab}" for lab in labels], "windows"])
-        for doc_id, probs, windows in results:
-            label = labels[int(np.argmax(probs))]
+            writer.writerow(output_header(args, problem_type, labels, submission_columns))
+        for doc_id, output, windows in results:
+            predicted = prediction(problem_type, labels, thresholds, output)
+            has_probs = problem_type != "regression" and output is not None
             if as_jsonl:
-                rec = {"id": doc_id, "label": label}
-                if args.format == "full":
-                    rec.update({"probabilities": dict(zip(labels, map(float, probs))), "windows": int(windows)})
+                if args.format == "submission":
+                    rec = {submission_columns[0]: doc_id, submission_columns[1]: predicted}
+                else:
+                    rec = {"id": doc_id, target: predicted}
+                    if problem_type != "regression":
+                        rec["probabilities"] = dict(zip(labels, map(float, output))) if has_probs else None
+                    rec["windows"] = windows
                 fh.write(json.dumps(rec) + "\n")
             elif args.format == "submission":
-                writer.writerow([doc_id, label])
+                writer.writerow([doc_id, csv_cell(predicted)])
             else:
-                writer.writerow([doc_id, label, *[f"{p:.6f}" for p in probs], int(windows)])
+                probs = ([f"{p:.6f}" for p in output] if has_probs
+                         else [""] * (0 if problem_type == "regression" else len(labels)))
+                writer.writerow([doc_id, csv_cell(predicted), *probs, windows])
             n += 1
         if tmp:
             fh.close()
@@ -215,31 +308,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_positive({"--batch-size": args.batch_size, "--docs-per-block": args.docs_per_block,
                         "--max-length": args.max_length, "--chunk-size": args.chunk_size, "--stride": args.stride})
+        check_threshold(args.threshold)
+        submission_columns = parse_submission_columns(args.submission_columns)
         check_output(args.output)
         model, tokenizer, info = load_export(args.model, args.device)
+        problem_type = info["problem_type"]
+        submission_columns = submission_columns or ("id", TARGET_COLUMN[problem_type])
+        thresholds = decision_thresholds(args.threshold, info)
         settings = chunk_settings(tokenizer, info, args.chunk_size, args.stride, args.max_length)
-        pooling = args.pooling or info["pooling"]
-        pair_col, docs = iter_documents(args)
-        pairs = pair_col is not None
-        if info["task"] == "pair" and not pairs:
-            raise InferenceError(f"--model {args.model} was trained on text pairs; give --text-pair-column")
-        labels = info["labels"]
+        pooling = check_pooling(args.pooling, info) if args.pooling else check_pooling(
+            info["pooling"], info, "bertfit.json pooling")
+        pairs = info["task"] == "pair"
+        docs = iter_documents(args, pairs, info["clean"])
         from tqdm.auto import tqdm
 
         progress = tqdm(unit="doc", desc="predict", disable=not sys.stderr.isatty(), file=sys.stderr)
 
         def results():
             for block in blocks(docs, args.docs_per_block):
-                probs, windows = predict_block(model, tokenizer, settings, pooling, args.batch_size, block, pairs)
+                outputs = predict_block(model, tokenizer, settings, problem_type, pooling, args.batch_size, block,
+                                        pairs)
                 progress.update(len(block))
-                for (doc_id, _, _), p, w in zip(block, probs, windows):
-                    yield doc_id, p, w
+                for (doc_id, _, _), (output, windows) in zip(block, outputs):
+                    yield doc_id, output, windows
 
         stream = results()
         first = next(stream, None)  # an empty input is an error before anything is written
         if first is None:
             raise InferenceError(f"--input {args.input}: no documents to classify")
-        written = write_rows(args, labels, itertools.chain([first], stream))
+        written = write_rows(args, info, thresholds, submission_columns, itertools.chain([first], stream))
         progress.close()
     except (InferenceError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
