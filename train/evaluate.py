@@ -2,8 +2,9 @@
 
     python -m train.evaluate --model runs/bbc/best --data data/bbc --split test
 
-Writes metrics.json (document- and window-level), classification_report.txt, confusion_matrix.png and
-predictions.csv (one row per document) into --output-dir, and prints the report.
+Writes metrics.json (document- and window-level metrics of the model's problem type), classification_report.txt,
+predictions.csv (one row per document) and, for single-label models, confusion_matrix.png (counts and the
+row-normalised view) into --output-dir, and prints the report.
 """
 
 from __future__ import annotations
@@ -22,29 +23,15 @@ from data_prep.errors import DataPrepError
 from data_prep.prepare import read_manifest
 from data_prep.tokenizer import tokenizer_fingerprint
 from train.data import load_split
-from train.evaluation import confusion_matrix_image, pool_document_logits, score
-from train.inference import InferenceError, check_positive, forward_windows, load_export
+from train.evaluation import classification_report_text, confusion_matrix_image, score
+from train.inference import (TARGET_COLUMN, InferenceError, check_pooling, check_positive, check_threshold,
+                             csv_cell, decision_thresholds, forward_windows, load_export, prediction)
 
 
-def classification_report(probs: np.ndarray, labels: np.ndarray, label_names: list[str]) -> str:
-    """Per-class precision/recall/F1/support plus macro averages and accuracy, via the project's metrics."""
-    from train.metrics import load_classification_metrics
-
-    modules = load_classification_metrics()
-    pred = probs.argmax(1)
-    ids = list(range(len(label_names)))
-    per = modules["precision_recall_f1"].compute(predictions=pred, references=labels, labels=ids, average=None)
-    support = np.bincount(labels, minlength=len(label_names))
-    width = max(12, *(len(n) for n in label_names))
-    lines = [f"{'':>{width}}  precision  recall  f1-score  support", ""]
-    for i, name in enumerate(label_names):
-        lines.append(f"{name:>{width}}  {per['precision'][i]:9.4f}  {per['recall'][i]:6.4f}  {per['f1'][i]:8.4f}"
-                     f"  {support[i]:7d}")
-    acc = modules["accuracy"].compute(predictions=pred, references=labels)["accuracy"]
-    lines += ["", f"{'accuracy':>{width}}  {'':9}  {'':6}  {acc:8.4f}  {support.sum():7d}",
-              f"{'macro avg':>{width}}  {np.mean(per['precision']):9.4f}  {np.mean(per['recall']):6.4f}  "
-              f"{np.mean(per['f1']):8.4f}  {support.sum():7d}"]
-    return "\n".join(lines) + "\n"
+# The figures printed on the summary line, per problem type (document level unless named window_).
+SUMMARY_METRICS = {"single_label": ("doc_accuracy", "doc_f1_macro", "window_accuracy"),
+                   "multi_label": ("doc_f1_micro", "doc_f1_macro", "doc_subset_accuracy"),
+                   "regression": ("doc_mse", "doc_mae", "doc_pearson", "doc_spearman")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,50 +41,98 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="a data_prep output folder")
     p.add_argument("--split", default="test", help="split to score. Default: test")
     p.add_argument("--output-dir", default=None, help="where to write the reports. Default: <model>/eval-<split>")
-    p.add_argument("--pooling", choices=("mean", "max"), default=None, help="Default: as in training")
+    p.add_argument("--pooling", choices=("mean", "max", "max_positive"), default=None,
+                   help="single-label mean, max or max_positive (2 classes); multi-label max or mean; regression "
+                        "mean. Default: as in training")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="multi-label models: a label is predicted when its probability >= this, for every label. "
+                        "Default: the export's thresholds (0.5 if it records none)")
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass. Default: 64")
     p.add_argument("--device", default=None, help="cpu, cuda, ... Default: cuda if available")
     args = p.parse_args(argv)
     out = Path(args.output_dir or Path(args.model) / f"eval-{args.split}")
     try:
         check_positive({"--batch-size": args.batch_size})
+        check_threshold(args.threshold)
         if out.exists() and not out.is_dir():
             raise InferenceError(f"--output-dir {out}: is a file, not a folder")
         model, tokenizer, info = load_export(args.model, args.device)
+        problem_type, label_names = info["problem_type"], info["labels"]
+        thresholds = decision_thresholds(args.threshold, info)
+        pooling = check_pooling(args.pooling, info) if args.pooling else check_pooling(
+            info["pooling"], info, "bertfit.json pooling")
         manifest = read_manifest(args.data)
         check_same_tokenizer(args.data, manifest, info.get("tokenizer_fingerprint") or tokenizer_fingerprint(tokenizer))
-        if manifest["labels"] != info["labels"]:
-            raise InferenceError(f"--data {args.data} has labels {manifest['labels']}, the model {info['labels']}")
+        check_same_task(args.data, manifest, info)
         if args.split not in manifest["splits"]:
             raise InferenceError(f"--split {args.split}: no such split in --data {args.data}; available splits: "
                                  f"{', '.join(manifest['splits'])}")
         ds = load_split(args.data, args.split, manifest)
-        pooling = args.pooling or info["pooling"]
         types = ds["token_type_ids"] if "token_type_ids" in ds.column_names else None
-        logits = forward_windows(model, ds["input_ids"], types, tokenizer.pad_token_id, args.batch_size)
-        labels, doc_ids = np.asarray(ds["label"]), np.asarray(ds["doc_id"])
-        metrics, matrix = score(logits, labels, doc_ids, info["labels"], pooling)
-        metrics = {"split": args.split, "pooling": pooling, **metrics}
-        ids, doc_probs = pool_document_logits(logits, doc_ids, pooling)
+        input_ids = ds["input_ids"]
+        logits = forward_windows(model, input_ids, types, tokenizer.pad_token_id, args.batch_size)
+        labels, doc_ids = label_array(ds["label"], problem_type), np.asarray(ds["doc_id"])
+        window_tokens = (np.asarray(ds["length"]) if "length" in ds.column_names
+                         else np.asarray([len(w) for w in input_ids]))  # regression's mean weights, as in training
+        try:
+            metrics, extras = score(logits, labels, doc_ids, problem_type, label_names, pooling, window_tokens,
+                                    thresholds)
+        except ValueError as exc:  # e.g. a pooling the label count does not allow
+            raise InferenceError(f"--pooling {pooling}: {exc}") from None
+        metrics = {"split": args.split, "problem_type": problem_type, "pooling": pooling, **metrics}
+        if thresholds is not None:
+            metrics["thresholds"] = dict(zip(label_names, thresholds))
+        ids = np.asarray(extras["doc_ids"])
         first = {d: i for i, d in reversed(list(enumerate(doc_ids)))}
-        doc_labels = labels[[first[d] for d in ids]]
         names = np.asarray(ds["id"])[[first[d] for d in ids]]
-        report = classification_report(doc_probs, doc_labels, info["labels"])
+        windows = dict(zip(*np.unique(doc_ids, return_counts=True)))
+        report = classification_report_text(extras["doc_outputs"], extras["doc_labels"], problem_type, label_names,
+                                            thresholds)
         # Every report is made in memory first, then all are written under temporary names and renamed: an
         # error part-way leaves the folder as it was, never a metrics.json beside a stale predictions.csv.
         files = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
                  "classification_report.txt": report.encode(),
-                 "confusion_matrix.png": png_bytes(confusion_matrix_image(matrix, info["labels"])),
-                 "predictions.csv": predictions_csv(names, doc_labels, doc_probs, info["labels"])}
+                 "predictions.csv": predictions_csv(names, extras["doc_labels"], extras["doc_outputs"],
+                                                    [windows[d] for d in ids], label_names, problem_type, thresholds)}
+        if problem_type == "single_label":  # counts and the row-normalised view side by side, one file
+            matrix = extras["confusion"]
+            files["confusion_matrix.png"] = png_bytes(side_by_side(
+                confusion_matrix_image(matrix, label_names), confusion_matrix_image(matrix, label_names,
+                                                                                    normalize=True)))
         write_files_atomically(out, files)
     except (InferenceError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"documents ({int(metrics['num_docs'])}, {pooling} pooling over {int(metrics['num_windows'])} windows):")
     print(report)
-    print(f"evaluate: doc_accuracy={metrics['doc_accuracy']:.4f} doc_f1_macro={metrics['doc_f1_macro']:.4f} "
-          f"window_accuracy={metrics['window_accuracy']:.4f} -> {out}")
+    summary = " ".join(f"{name}={metrics[name]:.4f}" for name in SUMMARY_METRICS[problem_type] if name in metrics)
+    print(f"evaluate: {summary} -> {out}")
     return 0
+
+
+def check_same_task(data_dir: str, manifest: dict, info: dict) -> None:
+    """The split must be what the model was trained for: same problem type, labels, text inputs (single or
+    pair) and cleaning; otherwise the scores would silently measure something else."""
+    data_type = manifest.get("problem_type", "single_label")  # manifests without the key are single-label
+    if data_type != info["problem_type"]:
+        raise InferenceError(f"--data {data_dir} is {data_type} data, the model is a {info['problem_type']} model")
+    if info["problem_type"] != "regression" and manifest["labels"] != info["labels"]:
+        raise InferenceError(f"--data {data_dir} has labels {manifest['labels']}, the model {info['labels']}")
+    data_task = manifest.get("task", "single")
+    if data_task != info["task"]:
+        raise InferenceError(f"--data {data_dir} holds {'text pairs' if data_task == 'pair' else 'single texts'}, "
+                             f"the model was trained on {'text pairs' if info['task'] == 'pair' else 'single texts'}")
+    data_clean = tuple(manifest.get("clean") or ())
+    if data_clean != info["clean"]:
+        raise InferenceError(f"--data {data_dir} was cleaned with --clean {','.join(data_clean) or '(none)'}, the "
+                             f"model's data with {','.join(info['clean']) or '(none)'}; re-run data_prep with the "
+                             "model's --clean")
+
+
+def label_array(column, problem_type: str) -> np.ndarray:
+    """The shards' label column as scoring takes it: class ids [N], multi-hot rows [N, L] or values [N]."""
+    dtype = {"single_label": np.int64, "multi_label": np.int8, "regression": np.float64}[problem_type]
+    return np.asarray(column, dtype=dtype)
 
 
 def check_same_tokenizer(data_dir: str, manifest: dict, model_fingerprint: str) -> None:
@@ -112,6 +147,13 @@ def check_same_tokenizer(data_dir: str, manifest: dict, model_fingerprint: str) 
                              f"the model's (fingerprint {model_fingerprint[:19]}...)")
 
 
+def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Two RGB images in one, the shorter padded with white at the bottom."""
+    height = max(left.shape[0], right.shape[0])
+    pad = [np.pad(img, ((0, height - img.shape[0]), (0, 0), (0, 0)), constant_values=255) for img in (left, right)]
+    return np.concatenate(pad, axis=1)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     import matplotlib
 
@@ -123,12 +165,25 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def predictions_csv(names, doc_labels, doc_probs, label_names: list[str]) -> bytes:
+def predictions_csv(names, doc_labels, doc_outputs, windows, label_names: list[str], problem_type: str,
+                    thresholds: list[float] | None) -> bytes:
+    """One row per document: the true label(s)/value, the prediction, predict's probability columns, windows.
+    single-label: id, label, predicted, prob_<label>..., windows; multi-label: id, labels, predicted (both
+    ';'-joined sets), prob_<label>..., windows; regression: id, value, predicted, windows."""
     buffer = io.StringIO(newline="")
     w = csv.writer(buffer)
-    w.writerow(["id", "label", "predicted", *[f"prob_{n}" for n in label_names]])
-    for name, y, pr in zip(names, doc_labels, doc_probs):
-        w.writerow([name, label_names[y], label_names[int(pr.argmax())], *[f"{x:.6f}" for x in pr]])
+    probs = [] if problem_type == "regression" else [f"prob_{n}" for n in label_names]
+    w.writerow(["id", TARGET_COLUMN[problem_type], "predicted", *probs, "windows"])
+    for name, y, out, n in zip(names, doc_labels, doc_outputs, windows):
+        if problem_type == "single_label":
+            true = label_names[int(y)]
+        elif problem_type == "multi_label":
+            true = [lab for lab, on in zip(label_names, y) if on]
+        else:
+            true, out = float(y), float(out)
+        predicted = prediction(problem_type, label_names, thresholds, out)
+        w.writerow([name, csv_cell(true), csv_cell(predicted), *([] if problem_type == "regression" else
+                                                                  [f"{x:.6f}" for x in out]), int(n)])
     return buffer.getvalue().encode()
 
 
