@@ -40,9 +40,10 @@ class OneProcess:
 
 
 def build_export(folder, tiny_model, problem_type: str, labels: list[str], seed: int = 0, bias=None,
-                 output_scale=None, **info):
+                 head_scale: float = 1.0, output_scale=None, **info):
     """A tiny random BERT exported by export_model (config.json written as train writes it); returns the live
-    model (unchanged by the export)."""
+    model (unchanged by the export). head_scale multiplies the head's weights: a random head's outputs barely
+    differ between texts."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from train.export import export_model
@@ -50,8 +51,9 @@ def build_export(folder, tiny_model, problem_type: str, labels: list[str], seed:
     config = BertConfig.from_pretrained(tiny_model, num_labels=len(labels) or 1)
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config).eval()
-    if bias is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        model.classifier.weight.mul_(head_scale)
+        if bias is not None:
             model.classifier.bias.copy_(torch.tensor(bias))
     info = {"labels": labels, "chunking": CHUNKING, "task": "single", "problem_type": problem_type, **info}
     export_model(OneProcess(), model, AutoTokenizer.from_pretrained(tiny_model), folder, info,
@@ -66,7 +68,7 @@ def exports(tmp_path_factory, tiny_model):
         "single": build_export(root / "single", tiny_model, "single_label", ["neg", "neu", "pos"], seed=1),
         "multi": build_export(root / "multi", tiny_model, "multi_label", MULTI_LABELS, seed=2, bias=MULTI_BIAS,
                               thresholds=[0.5, 0.5, 0.95]),
-        "regression": build_export(root / "regression", tiny_model, "regression", [], seed=3,
+        "regression": build_export(root / "regression", tiny_model, "regression", [], seed=3, head_scale=20.0,
                                    output_scale=(TARGET_MEAN, TARGET_STD),
                                    target={"min": 0.0, "max": 5.0, "mean": TARGET_MEAN, "std": TARGET_STD}),
         "clean": build_export(root / "clean", tiny_model, "multi_label", MULTI_LABELS, seed=4,
@@ -224,16 +226,34 @@ def test_regression_value_is_the_exports_raw_output(exports, tmp_path, capfd, mo
     np.testing.assert_allclose(values, TARGET_MEAN + TARGET_STD * standardised, atol=1e-5)
 
 
-def test_regression_csv_columns_and_long_documents(exports, tmp_path, capfd):
-    path = write_csv(tmp_path / "docs.csv", ["id", "text"], [["a", "good great " * 40], ["b", "bad day"]])
+def test_regression_csv_columns_and_token_weighted_mean_over_windows(exports, tmp_path, capfd):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from train.tiny_model import synthetic_texts
+
+    long_text = synthetic_texts(1, 2, seed=11, min_words=70, max_words=70)[0][0]
+    path = write_csv(tmp_path / "docs.csv", ["id", "text"], [["a", long_text], ["b", "bad day"]])
     rc, _, err = run(predict_main, ["--model", exports["regression"], "--input", path, "--output",
                                     tmp_path / "p.csv"], capfd)
     assert rc == 0, err
     rows = read_csv(tmp_path / "p.csv")
     assert list(rows[0]) == ["id", "value", "windows"]
-    assert [r["id"] for r in rows] == ["a", "b"] and int(rows[0]["windows"]) > 1 and rows[1]["windows"] == "1"
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["windows"] == "1"
     assert float(rows[1]["value"]) == pytest.approx(float(raw_outputs(exports["regression"], ["bad day"])[0, 0]),
                                                     abs=1e-5)
+    # the long document: windows of 16 content tokens every 12, each weighted by its length (specials included)
+    tokenizer = AutoTokenizer.from_pretrained(exports["regression"])
+    ids = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    starts = list(range(0, len(ids) - CHUNKING["chunk_size"] + CHUNKING["stride"], CHUNKING["stride"]))
+    windows = [[tokenizer.cls_token_id, *ids[s:s + CHUNKING["chunk_size"]], tokenizer.sep_token_id] for s in starts]
+    assert int(rows[0]["windows"]) == len(windows) and len(windows[-1]) < len(windows[0])
+    model = AutoModelForSequenceClassification.from_pretrained(exports["regression"]).eval()
+    with torch.no_grad():
+        values = np.array([model(input_ids=torch.tensor([w])).logits[0, 0].item() for w in windows])
+    weights = np.array([len(w) for w in windows])
+    weighted = float((values * weights).sum() / weights.sum())
+    assert abs(weighted - values.mean()) > 2e-5  # else this text could not tell the two means apart
+    assert float(rows[0]["value"]) == pytest.approx(weighted, abs=2e-6)
 
 
 # ----------------------------------------------------------------------------- multi-label sets, thresholds
