@@ -293,7 +293,8 @@ def worker_bare(model_dir: str, steps: int, batch: int, result: str, shards: str
                 b = windows[idx]
                 inputs = model_inputs({k: (v.pin_memory() if pin else v) for k, v in b.items()
                                        if isinstance(v, torch.Tensor)}, dev)
-                yield {**inputs, "real_tokens": b["real_tokens"], "padded_tokens": b["padded_tokens"]}
+                yield {**inputs, "labels": b["labels"].to(dev), "real_tokens": b["real_tokens"],
+                       "padded_tokens": b["padded_tokens"]}
         batches = collated()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 

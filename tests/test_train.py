@@ -69,7 +69,7 @@ def assert_same_run(ref_out: Path, out: Path, after_step: int) -> None:
 # ------------------------------------------------------------------------------------------- schedule
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc,accumulation", [(1, 1), (1, 3), (2, 1), (2, 3)])
-def test_lr_warms_up_linearly_and_reaches_zero_at_the_last_step(tmp_path, tiny_model, prepared, nproc,
+def test_lr_warms_up_linearly_and_decays_to_zero_after_the_last_step(tmp_path, tiny_model, prepared, nproc,
                                                                   accumulation):
     data, manifest = prepared
     cfg = base_config(tiny_model, data, tmp_path / "out", epochs=1, gradient_accumulation_steps=accumulation,
@@ -84,8 +84,9 @@ def test_lr_warms_up_linearly_and_reaches_zero_at_the_last_step(tmp_path, tiny_m
     assert sorted(lrs) == list(range(1, total + 1)), "one optimizer step per accumulation group, none missing"
     for s in (1, 2, 3):
         assert lrs[s] == pytest.approx(1e-3 * s / 3)
-    assert lrs[total] == 0.0 and all(lrs[s] > 0 for s in range(1, total))
-    decay = np.diff([lrs[s] for s in range(3, total + 1)])
+    # the decay reaches 0 one step after the last: the last step still trains
+    assert lrs[total] == pytest.approx(1e-3 / (total - 3)) and all(lrs[s] > 0 for s in range(1, total + 1))
+    decay = np.diff([lrs[s] for s in range(4, total + 1)])
     assert np.allclose(decay, decay[0]) and decay[0] < 0  # linear decay
 
 
@@ -426,3 +427,75 @@ def test_auto_resume_passes_over_a_damaged_newest_checkpoint_and_stays_bit_ident
     assert f"resumed from {previous}" in text
     assert_two_ranks(log)
     assert_same_run(reference["out"], out, int(previous.name.split("-")[1]))
+
+
+def _unavailable_tracker() -> str:
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    available = {getattr(t, "value", t) for t in get_available_trackers()}
+    return next(t.value for t in LoggerType if t.value not in available and t.value != "all")
+
+
+@pytest.mark.parametrize("case", ["abbreviated_option", "misspelled_tracker", "tracker_not_installed",
+                                  "mode_contradicts_metric", "unknown_class_weight_label", "pos_weight_single_label",
+                                  "threshold_tune_single_label", "max_positive_pooling_on_regression_metric"])
+def test_task_settings_give_one_line_errors(tmp_path, tiny_model, prepared, case):
+    data, _ = prepared
+    good = f"model: {tiny_model}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\n"
+    extra, overrides = "", ()
+    if case == "abbreviated_option":  # must not quietly set learning_rate
+        overrides, needle = ("--learning_rat", "1"), "unrecognized arguments: --learning_rat"
+    elif case == "misspelled_tracker":
+        extra, needle = "report_to: tensorbord\n", "report_to: unknown tracker 'tensorbord'"
+    elif case == "tracker_not_installed":
+        name = _unavailable_tracker()
+        extra, needle = f"report_to: {name}\n", f"report_to: tracker '{name}' is not installed"
+    elif case == "mode_contradicts_metric":  # doc_loss with mode max used to keep the worst model
+        extra, needle = "early_stopping:\n  metric: doc_loss\n  mode: max\n", "contradicts early_stopping.metric"
+    elif case == "unknown_class_weight_label":
+        extra, needle = "class_weights:\n  nope: 2.0\n", "class_weights: unknown label(s) 'nope'"
+    elif case == "pos_weight_single_label":
+        extra, needle = "pos_weight: balanced\n", "pos_weight is for multi-label data"
+    elif case == "threshold_tune_single_label":
+        extra, needle = "threshold: tune\n", "threshold: tune is for multi-label data"
+    else:
+        extra, needle = "early_stopping:\n  metric: doc_mse\n", "early_stopping.metric 'doc_mse' is not computed"
+    rc, err = _bad_run(tmp_path, good + extra, *overrides)
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_the_early_stopping_mode_follows_the_metric():
+    from train.config import EarlyStoppingConfig, TrainConfig
+    from train.loop import resolve_task_settings
+
+    for metric, mode in (("doc_loss", "min"), ("window_loss", "min"), ("doc_accuracy", "max"), (None, "max")):
+        cfg = TrainConfig(model="m", data="d", output_dir="o", early_stopping=EarlyStoppingConfig(metric=metric))
+        resolve_task_settings(cfg, "single_label", ["a", "b"])
+        assert cfg.early_stopping.mode == mode and cfg.pooling == "mean"
+    cfg = TrainConfig(model="m", data="d", output_dir="o")
+    resolve_task_settings(cfg, "regression", [])
+    assert (cfg.early_stopping.metric, cfg.early_stopping.mode, cfg.pooling) == ("doc_mse", "min", "mean")
+    cfg = TrainConfig(model="m", data="d", output_dir="o")
+    resolve_task_settings(cfg, "multi_label", ["x", "y"])
+    assert (cfg.early_stopping.metric, cfg.early_stopping.mode, cfg.pooling) == ("doc_f1_micro", "max", "max")
+
+
+@pytest.mark.slow
+def test_relaunching_a_finished_run_trains_nothing(tmp_path, reference):
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out)
+    best = out / "best" / "model.safetensors"
+    before = (best.read_bytes(), sorted(p.name for p in (out / "checkpoints").iterdir()),
+              (out / "run_status.json").read_text(), (out / "logs" / "history.jsonl").read_text())
+    config = write_config(tmp_path / "run.yaml", **dict(reference["cfg"], output_dir=str(out), epochs=4))
+    log = tmp_path / "again.log"
+    rc = run(train_command(config), log, train_env(tmp_path))
+    assert rc == 0, tail(log)
+    assert f"bertfit: the run in {out} already finished (completed at step" in log.read_text()
+    assert_two_ranks(log)
+    after = (best.read_bytes(), sorted(p.name for p in (out / "checkpoints").iterdir()),
+             (out / "run_status.json").read_text(), (out / "logs" / "history.jsonl").read_text())
+    assert after == before  # not one more step, not a new best/, not a rewritten status

@@ -113,10 +113,16 @@ def test_window_batches_arrow_path_matches_datasets_indexing(tmp_path):
 def test_lr_schedule_shape():
     total, warmup, peak = 20, 4, 1.0
     lrs = [lr_at_step(s, total, warmup, peak) for s in range(1, total + 1)]
-    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert lrs[-1] == 0.0 and min(lrs[:-1]) > 0
-    assert np.allclose(np.diff(lrs[3:]), -1 / 16)
+    assert lrs[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lrs[-1] == 1 / 16 and min(lrs) > 0  # the last step still moves the weights ...
+    assert lr_at_step(total + 1, total, warmup, peak) == 0.0  # ... the decay reaches 0 one step after it
+    assert np.allclose(np.diff(lrs[4:]), -1 / 16)
     assert warmup_steps_for(10, None, 0.25) == 3 and warmup_steps_for(3, 5, 0.0) == 2
+
+
+def test_a_one_step_run_trains_at_the_peak_learning_rate():
+    assert lr_at_step(1, 1, 0, 3e-5) == 3e-5  # max_steps: 1 used to run at lr 0 and change no weight
+    assert lr_at_step(1, 1, warmup_steps_for(1, None, 0.5), 3e-5) == 3e-5
 
 
 def test_no_weight_decay_on_biases_and_layernorm(tiny_model):

@@ -9,7 +9,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 # Exit codes (documented in the README; the SLURM scripts rely on REQUEUE).
 EXIT_OK = 0
@@ -24,11 +24,15 @@ class ConfigError(Exception):
 
 @dataclass
 class EarlyStoppingConfig:
-    metric: str = "doc_accuracy"
-    """Evaluation metric that picks the best model and drives early stopping: doc_/window_ + accuracy,
-    f1_macro, precision_macro, recall_macro, f1_binary (2 classes), f1_<label>, or doc_loss/window_loss."""
-    mode: Literal["max", "min"] = "max"
-    """max: higher is better (accuracy, F1); min: lower is better (losses)."""
+    metric: Optional[str] = None
+    """Evaluation metric that picks the best model and drives early stopping, doc_/window_ + a name:
+    single-label accuracy, f1_macro, precision_macro, recall_macro, f1_binary (2 classes), f1_<label>;
+    multi-label f1_micro, f1_macro, f1_samples, f1_<label>, subset_accuracy, precision_micro, recall_micro;
+    regression mse, mae, pearson, spearman; every task loss. null = doc_accuracy (single-label), doc_f1_micro
+    (multi-label), doc_mse (regression)."""
+    mode: Optional[Literal["max", "min"]] = None
+    """null = follows the metric (loss, mse, mae: min; the rest: max). A mode that contradicts the metric is
+    refused."""
     patience: Optional[int] = None
     """Stop after this many evaluations without improvement; null = never stop early (the best model is
     still tracked and exported)."""
@@ -77,8 +81,24 @@ class TrainConfig:
     """Keep this many newest checkpoints; older ones are deleted after a new one is complete."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Best-model selection and early stopping."""
-    pooling: Literal["mean", "max"] = "mean"
-    """How window probabilities become one document prediction: mean or max over its windows."""
+    pooling: Optional[Literal["mean", "max", "max_positive"]] = None
+    """How window outputs become one document prediction. single-label: mean (of class probabilities), max
+    (per class the highest probability any window gives it, renormalised to sum to 1), max_positive (2 classes:
+    the highest positive-class probability of any window); multi-label: max or mean of per-window sigmoid
+    probabilities; regression: mean (token-count weighted). null = mean, or max for multi-label."""
+    class_weights: Optional[Union[Literal["balanced"], dict[str, float]]] = None
+    """single-label: weights of the cross-entropy per class. null = none; balanced = windows / (classes x
+    windows of the class) over the training split; or {label: weight} (labels not named get 1.0)."""
+    pos_weight: Optional[Union[Literal["balanced"], dict[str, float]]] = None
+    """multi-label: BCE weight of positive examples per label. null = none; balanced = negatives / positives
+    per label over the training windows; or {label: weight} (labels not named get 1.0)."""
+    threshold: Union[float, Literal["tune"]] = 0.5
+    """multi-label: a label is predicted when its probability is at least this. tune = per label the threshold
+    with the best F1 on the eval split at each evaluation; the best model's thresholds are stored in the export
+    (evaluate and predict use them)."""
+    standardize_targets: bool = True
+    """regression: train on (target - mean) / std of the training split; the export outputs raw values (the
+    scaling is folded into the classifier's last layer)."""
     report_to: str = "tensorboard"
     """Trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, ..., all, or none."""
     resume: str = "auto"
@@ -148,6 +168,7 @@ def _parser():
                     "after a checkpoint (relaunch to resume).",
         exit_on_error=False,
         default_env=False,
+        allow_abbrev=False,  # --learning_rat must not quietly set learning_rate
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML run config (fields below)")
     parser.add_class_arguments(TrainConfig, as_group=False)
@@ -193,7 +214,8 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
-    floats = {"learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio,
+    floats = {"threshold": cfg.threshold if isinstance(cfg.threshold, float) else None,
+              "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio,
               "max_grad_norm": cfg.max_grad_norm, "peak_tflops": cfg.peak_tflops,
               "early_stopping.min_delta": cfg.early_stopping.min_delta}
     for name, value in floats.items():
@@ -221,6 +243,28 @@ def validate(cfg: TrainConfig) -> None:
     need(es.patience is None or es.patience >= 1, f"early_stopping.patience must be >= 1 or null, got {es.patience}")
     need(es.min_delta >= 0, f"early_stopping.min_delta must be >= 0, got {es.min_delta}")
     need(bool(cfg.resume.strip()), "resume must be auto, none or a checkpoint path")
+    need(cfg.threshold == "tune" or 0 < cfg.threshold < 1, f"threshold must be in (0, 1) or tune, got {cfg.threshold}")
+    for name in ("class_weights", "pos_weight"):
+        weights = getattr(cfg, name)
+        if isinstance(weights, dict):
+            for label, w in weights.items():
+                need(math.isfinite(w) and w > 0, f"{name}: weight of {label!r} must be a finite number > 0, got {w}")
+    check_trackers(cfg)
+
+
+def check_trackers(cfg: TrainConfig) -> None:
+    """A misspelled or missing tracker is a config error now, not a traceback or an untracked run later."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = {t.value for t in LoggerType}
+    available = {getattr(t, "value", t) for t in get_available_trackers()}
+    for name in trackers(cfg):
+        if name not in known:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; choose from "
+                              f"{', '.join(sorted(known - {'all'}))}, all or none")
+        if name != "all" and name not in available:
+            raise ConfigError(f"report_to: tracker {name!r} is not installed (pip install {name}), or drop it")
 
 
 def trackers(cfg: TrainConfig) -> list[str]:

@@ -50,13 +50,7 @@ def check_split_contract(data_dir: str | Path, split: str, ds, manifest: dict, v
     if ds.num_rows == 0:
         return
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
-    num_labels = len(manifest["labels"])
-    labels = pc.min_max(table.column("label"))
-    if labels["min"].as_py() < 0 or labels["max"].as_py() >= num_labels:
-        row = _first_row(table.column("label").to_numpy(), lambda v: (v < 0) | (v >= num_labels))
-        raise DataPrepError(f"{where}: window {row} (id {table.column('id')[row].as_py()!r}) has label "
-                            f"{table.column('label')[row].as_py()}, outside the manifest's {num_labels} labels "
-                            f"(0..{num_labels - 1}); re-run data_prep")
+    check_labels(where, table, manifest)
     values = pc.list_flatten(table.column("input_ids"))
     tokens = pc.min_max(values)
     if tokens["min"].as_py() is not None and (tokens["min"].as_py() < 0 or tokens["max"].as_py() >= vocab_size):
@@ -82,6 +76,43 @@ def check_split_contract(data_dir: str | Path, split: str, ds, manifest: dict, v
         if recorded is not None and digest.hexdigest() != recorded:
             raise DataPrepError(f"{where}: the shards' content hash differs from the manifest's (changed or damaged "
                                 "since data_prep); re-run data_prep (or set verify_data: false to train anyway)")
+
+
+def check_labels(where: Path, table, manifest: dict) -> None:
+    """Class ids within the labels, multi-hot rows of 0/1 of the right width, finite regression targets."""
+    problem_type = manifest.get("problem_type", "single_label")
+    num_labels = len(manifest["labels"])
+    values = label_array_of(table.column("label"))
+    if problem_type == "single_label":
+        bad = (values < 0) | (values >= num_labels)
+        expected = f"the manifest's {num_labels} labels (0..{num_labels - 1})"
+    elif problem_type == "multi_label":
+        if values.ndim != 2 or values.shape[1] != num_labels:
+            raise DataPrepError(f"{where}: multi-hot labels of width {values.shape[1:]}, the manifest has "
+                                f"{num_labels} labels; re-run data_prep")
+        bad, expected = ((values != 0) & (values != 1)).any(axis=1), "0/1 multi-hot values"
+    else:
+        bad, expected = ~np.isfinite(values), "finite regression targets"
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataPrepError(f"{where}: window {row} (id {table.column('id')[row].as_py()!r}) has label "
+                            f"{table.column('label')[row].as_py()}, outside {expected}; re-run data_prep")
+
+
+def label_array_of(column) -> np.ndarray:
+    """A label column as numpy: [N] class ids or targets, or [N, L] multi-hot rows (one copy of the values)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        flat = pc.list_flatten(column).to_numpy()
+        return flat.reshape(len(column), -1) if len(column) else flat.reshape(0, 0)
+    return column.to_numpy()
+
+
+def label_array(ds) -> np.ndarray:
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    return label_array_of(table.column("label"))
 
 
 def _first_row(values: np.ndarray, is_bad) -> int:
@@ -178,11 +209,10 @@ class _ArrowColumns:
     """Zero-copy numpy views of the Arrow record batches of a ``datasets.Dataset``: per chunk, the flat token
     values and offsets of the list columns and the per-window scalar columns."""
 
-    LISTS = ("input_ids", "token_type_ids")
-
-    def __init__(self, starts: np.ndarray, chunks: list[dict]):
+    def __init__(self, starts: np.ndarray, chunks: list[dict], lists: set[str]):
         self.starts = starts  # first global row of each chunk
         self.chunks = chunks
+        self.lists = lists  # list-valued columns: token ids, token types, multi-hot labels
 
     @classmethod
     def build(cls, ds, columns: list[str]) -> "_ArrowColumns | None":
@@ -194,33 +224,34 @@ class _ArrowColumns:
             table = ds.data.table if hasattr(ds.data, "table") else ds.data
             if not isinstance(table, pa.Table):
                 return None
-            per_column = {}
+            per_column, lists = {}, set()
             for name in columns:
                 col = table.column(name)
                 if col.null_count:
                     return None
+                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    lists.add(name)
                 arrays = []
                 for chunk in col.chunks:
-                    if name in cls.LISTS:
-                        if not (pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)) \
-                                or not pa.types.is_integer(chunk.type.value_type) or chunk.values.null_count:
+                    if name in lists:
+                        if not pa.types.is_integer(chunk.type.value_type) or chunk.values.null_count:
                             return None
                         arrays.append((chunk.offsets.to_numpy(zero_copy_only=True),
                                        chunk.values.to_numpy(zero_copy_only=True)))
                     else:
-                        if not pa.types.is_integer(chunk.type):
+                        if not (pa.types.is_integer(chunk.type) or pa.types.is_floating(chunk.type)):
                             return None
                         arrays.append(chunk.to_numpy(zero_copy_only=True))
                 per_column[name] = arrays
-            sizes = [len(a) for a in per_column["label"]]
+            sizes = [len(a[0]) - 1 if "label" in lists else len(a) for a in per_column["label"]]
             for name, arrays in per_column.items():
-                if [len(a[0]) - 1 if name in cls.LISTS else len(a) for a in arrays] != sizes:
+                if [len(a[0]) - 1 if name in lists else len(a) for a in arrays] != sizes:
                     return None  # columns chunked differently: not worth handling
             chunks = [{name: per_column[name][i] for name in columns} for i in range(len(sizes))]
             chunks = [c for c, n in zip(chunks, sizes) if n]
             sizes = [n for n in sizes if n]
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-            return cls(starts, chunks)
+            return cls(starts, chunks, lists)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, AttributeError, KeyError, TypeError, ValueError):
             return None
 
@@ -232,7 +263,7 @@ class _ArrowColumns:
         rows = {name: [] for name in self.chunks[0]}
         for c, j in zip(chunk_of.tolist(), local.tolist()):
             for name, column in self.chunks[c].items():
-                if name in self.LISTS:
+                if name in self.lists:
                     offsets, values = column
                     rows[name].append(values[offsets[j]:offsets[j + 1]])
                 else:
@@ -252,7 +283,7 @@ def collate_windows(rows: dict, indices, pad_id: int, pad_to_multiple_of: int | 
         input_ids[i, :len(x)] = x
         mask[i, :len(x)] = 1
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-             "labels": torch.as_tensor(rows["label"], dtype=torch.long)}
+             "labels": label_tensor(rows["label"]), "real_lengths": torch.from_numpy(lengths)}
     if "token_type_ids" in rows:
         types = np.zeros((len(ids), width), dtype=np.int64)
         for i, x in enumerate(rows["token_type_ids"]):
@@ -266,7 +297,18 @@ def collate_windows(rows: dict, indices, pad_id: int, pad_to_multiple_of: int | 
     return batch
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+def label_tensor(labels) -> torch.Tensor:
+    """Class ids -> LongTensor [B]; multi-hot rows -> FloatTensor [B, L]; regression targets -> FloatTensor [B]."""
+    first = labels[0]
+    if isinstance(first, (list, tuple, np.ndarray)):
+        return torch.as_tensor(np.stack([np.asarray(x) for x in labels]), dtype=torch.float32)
+    values = np.asarray(labels)
+    if values.dtype.kind == "f":
+        return torch.as_tensor(values, dtype=torch.float32)
+    return torch.as_tensor(values, dtype=torch.long)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def model_inputs(batch: dict, device) -> dict:

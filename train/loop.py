@@ -31,12 +31,13 @@ from train.checkpoint import (LoopState, latest_usable_checkpoint, load_checkpoi
 from train.config import (EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig,
                           flat_hparams, parse_config, to_dict)
 from train.cpu_dropout import use_fast_cpu_dropout
-from train.data import (WindowBatches, check_split_contract, epoch_batches, eval_batches, load_split, make_loader,
-                        model_inputs, steps_per_epoch)
+from train.data import (WindowBatches, check_split_contract, epoch_batches, eval_batches, label_array, load_split,
+                        make_loader, model_inputs, steps_per_epoch)
 from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint
-from train.evaluation import confusion_matrix_image, run_evaluation
+from train.evaluation import confusion_matrix_image, rescore, run_evaluation, tune_thresholds
 from train.export import export_model
 from train.last_layer import cls_only_last_layer
+from train.losses import HF_PROBLEM_TYPES, make_loss, problem_type_of, target_scale
 from train.malloc import keep_freed_memory
 from train.optim import lr_at_step, make_optimizer, set_lr, warmup_steps_for
 from train.throughput import mfu, model_flops_per_token
@@ -66,13 +67,17 @@ def train(cfg: TrainConfig) -> int:
         manifest = read_manifest(cfg.data)
     except DataPrepError as exc:
         raise ConfigError(f"data: {exc}") from None
-    label_names = manifest["labels"]
+    label_names, problem_type = manifest["labels"], problem_type_of(manifest)
     model_path = resolve_pretrained_path(cfg.model, option="model")
     tokenizer = load_fast_tokenizer(model_path, option="model")
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise ConfigError(f"model {cfg.model}: its tokenizer differs from the one {cfg.data} was prepared with "
                           f"({manifest['tokenizer']['name_or_path']}); re-run data_prep with --tokenizer {cfg.model}")
-    check_early_stopping_metric(cfg, label_names)
+    resolve_task_settings(cfg, problem_type, label_names)
+    if finished := finished_run(cfg, out):
+        if main:
+            print(finished, flush=True)
+        return EXIT_OK
 
     train_ds = load_split(cfg.data, cfg.train_split, manifest)
     eval_ds = load_split(cfg.data, cfg.eval_split, manifest) if cfg.eval_split else None
@@ -88,12 +93,16 @@ def train(cfg: TrainConfig) -> int:
     # ---------------------------------------------------------------------------------- model & optimizer
     accelerator.wait_for_everyone()
     torch.manual_seed(cfg.seed)  # same classifier-head init on every rank
-    model = load_model(model_path, label_names, cfg.trust_remote_code, manifest["chunking"]["max_length"])
+    model = load_model(model_path, label_names, problem_type, cfg.trust_remote_code, manifest["chunking"]["max_length"])
     vocab = model.get_input_embeddings().num_embeddings
     type_vocab = getattr(model.config, "type_vocab_size", None)
     for split, ds in ((cfg.train_split, train_ds), (cfg.eval_split, eval_ds)):
         if ds is not None:  # fail now, not with an index error some steps into training
             check_split_contract(cfg.data, split, ds, manifest, vocab, type_vocab, cfg.verify_data)
+    scale = target_scale(manifest, cfg.train_split, cfg.standardize_targets)  # regression: (mean, std) or None
+    weighted = cfg.class_weights is not None or cfg.pos_weight is not None
+    loss_fn = make_loss(problem_type, label_names, label_array(train_ds) if weighted else None, cfg.class_weights,
+                        cfg.pos_weight, scale)
     if cfg.fast_cpu_dropout and accelerator.device.type == "cpu":
         use_fast_cpu_dropout(model, cfg.cpu_kernels)  # PyTorch's CPU dropout sampler is ~20% of a step
     if cfg.cls_only_last_layer:
@@ -136,7 +145,9 @@ def train(cfg: TrainConfig) -> int:
 
     flops_per_token = None
     info = {"labels": label_names, "chunking": manifest["chunking"], "task": manifest.get("task", "single"),
-            "pooling": cfg.pooling, "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
+            "problem_type": problem_type, "pooling": cfg.pooling, "thresholds": None,
+            "clean": manifest.get("clean", []), "target": manifest["splits"][cfg.train_split].get("target"),
+            "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
             "data": str(Path(cfg.data).resolve()), "config": to_dict(cfg)}
     progress = make_progress(total_steps, state.global_step, main)
     stop_reason = None
@@ -162,7 +173,8 @@ def train(cfg: TrainConfig) -> int:
             for _micro in range(gas):
                 batch = next(loader)
                 with accelerator.accumulate(model):
-                    loss = model(**model_inputs(batch, accelerator.device)).loss
+                    logits = model(**model_inputs(batch, accelerator.device)).logits
+                    loss = loss_fn(logits, batch["labels"].to(accelerator.device, non_blocking=True))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = clip_or_measure(accelerator, model, cfg.max_grad_norm)
@@ -205,7 +217,7 @@ def train(cfg: TrainConfig) -> int:
                     cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0)):
                 nonfinite.check(state.global_step)  # never evaluate, let alone export, a diverged model
                 if evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_bs, label_names,
-                                       state, info, out):
+                                       problem_type, scale, state, info, out):
                     stop_reason = "early_stopped"
                 tracker.restart_clock()
             requeue = stop_signal_received(accelerator)
@@ -228,7 +240,7 @@ def train(cfg: TrainConfig) -> int:
         nonfinite.check(state.global_step)
         with write_errors_as_one_line(f"export to {out / 'best'}"):
             export_model(accelerator, model, tokenizer, out / "best",
-                         {**info, "step": state.global_step, "metrics": {}})
+                         {**info, "step": state.global_step, "metrics": {}}, output_scale=scale)
     progress.close()
     accelerator.end_training()
     print(f"bertfit: rank {rank} finished at step {state.global_step} ({stop_reason or 'completed'})", flush=True)
@@ -243,14 +255,16 @@ def train(cfg: TrainConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------ loop helpers
-def load_model(model_path: str, label_names: list[str], trust_remote_code: bool, max_length: int):
+def load_model(model_path: str, label_names: list[str], problem_type: str, trust_remote_code: bool,
+               max_length: int):
     from transformers import AutoModelForSequenceClassification
 
+    names = label_names or ["value"]  # regression: one output
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)}, trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=True)
+            model_path, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)}, problem_type=HF_PROBLEM_TYPES[problem_type],
+            trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True)
     except Exception as exc:
         raise ConfigError(f"model {model_path}: cannot load: {str(exc).splitlines()[0]}") from None
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -317,15 +331,65 @@ class NonFiniteWatch:
                 "check the data, or set on_nonfinite: skip_step")
 
 
-def check_early_stopping_metric(cfg: TrainConfig, label_names: list[str]) -> None:
-    from train.metrics import metric_names
+def resolve_task_settings(cfg: TrainConfig, problem_type: str, label_names: list[str]) -> None:
+    """Fill the settings whose defaults depend on the problem type (pooling, the early-stopping metric and its
+    mode) and refuse the ones that contradict it; the resolved values are what the export's config records."""
+    from train.evaluation import allowed_poolings, default_pooling
+    from train.metrics import metric_mode, metric_names
 
-    valid = [f"{level}_{n}" for level in ("doc", "window") for n in ["loss", *metric_names(label_names)]]
-    if cfg.early_stopping.metric not in valid:
-        raise ConfigError(f"early_stopping.metric {cfg.early_stopping.metric!r} is not computed; choose from "
-                          f"{', '.join(valid)}")
-    if cfg.early_stopping.patience is not None and not cfg.eval_split:
+    es = cfg.early_stopping
+    es.metric = es.metric or {"single_label": "doc_accuracy", "multi_label": "doc_f1_micro",
+                              "regression": "doc_mse"}[problem_type]
+    names = metric_names(label_names, problem_type)
+    valid = [f"{level}_{n}" for level in ("doc", "window") for n in dict.fromkeys(["loss", *names])]
+    if es.metric not in valid:
+        raise ConfigError(f"early_stopping.metric {es.metric!r} is not computed for {problem_type} data; choose "
+                          f"from {', '.join(valid)}")
+    mode = metric_mode(es.metric)
+    if es.mode is not None and es.mode != mode:
+        raise ConfigError(f"early_stopping.mode {es.mode} contradicts early_stopping.metric {es.metric} "
+                          f"({'lower' if mode == 'min' else 'higher'} is better); set mode: {mode} or leave it out")
+    es.mode = mode
+    if es.patience is not None and not cfg.eval_split:
         raise ConfigError("early_stopping.patience needs an eval_split")
+    cfg.pooling = cfg.pooling or default_pooling(problem_type)
+    if cfg.pooling not in allowed_poolings(problem_type):
+        raise ConfigError(f"pooling {cfg.pooling} is not for {problem_type} data; choose from "
+                          f"{', '.join(allowed_poolings(problem_type))}")
+    if cfg.pooling == "max_positive" and len(label_names) != 2:
+        raise ConfigError(f"pooling max_positive needs 2 classes; this data has {len(label_names)}")
+    if cfg.class_weights is not None and problem_type != "single_label":
+        raise ConfigError(f"class_weights is for single-label data; this data is {problem_type}"
+                          + (" (use pos_weight)" if problem_type == "multi_label" else ""))
+    if cfg.pos_weight is not None and problem_type != "multi_label":
+        raise ConfigError(f"pos_weight is for multi-label data; this data is {problem_type}"
+                          + (" (use class_weights)" if problem_type == "single_label" else ""))
+    for option in ("class_weights", "pos_weight"):
+        weights = getattr(cfg, option)
+        if isinstance(weights, dict) and (unknown := sorted(set(weights) - set(label_names))):
+            raise ConfigError(f"{option}: unknown label(s) {', '.join(map(repr, unknown))}; the labels are "
+                              f"{', '.join(label_names)}")
+    if cfg.threshold == "tune":
+        if problem_type != "multi_label":
+            raise ConfigError(f"threshold: tune is for multi-label data; this data is {problem_type}")
+        if not cfg.eval_split:
+            raise ConfigError("threshold: tune needs an eval_split to pick the thresholds on")
+
+
+def finished_run(cfg: TrainConfig, out: Path) -> str | None:
+    """A relaunch of a run that already completed or early-stopped must not train on past its end (and overwrite
+    best/): say so instead. A new run needs a new output_dir, or resume: none."""
+    status_file = out / "run_status.json"
+    if cfg.resume.strip() != "auto" or not status_file.is_file():
+        return None
+    try:
+        status = json.loads(status_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if status.get("state") not in ("completed", "early_stopped"):
+        return None
+    return (f"bertfit: the run in {out} already finished ({status['state']} at step {status.get('step')}); nothing "
+            f"to do. Its model: {out / 'best'}. To train again use a new output_dir, or resume: none")
 
 
 def pick_resume(cfg: TrainConfig, out: Path) -> tuple[Path | None, str | None]:
@@ -394,13 +458,19 @@ class StepMeter:
         return logs
 
 
-def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_bs, label_names, state, info,
-                        out) -> bool:
+def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_bs, label_names, problem_type, scale,
+                        state, info, out) -> bool:
     """Evaluate, log, export on improvement; returns True when early stopping says stop (same on all ranks)."""
     lengths = np.asarray(eval_windows.ds["length"])
     batches = eval_batches(lengths, eval_bs, accelerator.num_processes, accelerator.process_index)
     loader = make_loader(eval_windows, batches, cfg.num_workers, pin_memory=False)
-    metrics, matrix = run_evaluation(accelerator, model, loader, label_names, cfg.pooling, len(lengths))
+    fixed = [cfg.threshold] * len(label_names) if problem_type == "multi_label" and cfg.threshold != "tune" else None
+    metrics, extras = run_evaluation(accelerator, model, loader, label_names, problem_type, cfg.pooling, len(lengths),
+                                     thresholds=fixed, output_scale=scale)
+    thresholds = fixed
+    if cfg.threshold == "tune":  # per label, the best-F1 threshold on these documents; the export keeps them
+        thresholds = tune_thresholds(extras["doc_outputs"], extras["doc_labels"])
+        metrics, extras = rescore(extras, problem_type, label_names, cfg.pooling, thresholds)
     if os.environ.get("BERTFIT_PRINT_RANK_METRICS") == "1":  # tests: prove every rank computed the same metrics
         # one write per line: print() may write text and newline separately, and both ranks share one pipe
         sys.stdout.write(f"bertfit: rank {accelerator.process_index} eval metrics at step {state.global_step}: "
@@ -423,22 +493,25 @@ def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_b
         state.best_metric, state.best_step, state.bad_evals = value, state.global_step, 0
         with write_errors_as_one_line(f"export to {out / 'best'}"):
             export_model(accelerator, model, tokenizer, out / "best",
-                         {**info, "step": state.global_step, "metrics": metrics})
+                         {**info, "step": state.global_step, "metrics": metrics, "thresholds": thresholds},
+                         output_scale=scale)
     else:
         state.bad_evals += 1
     if accelerator.is_main_process:
         append_history(out, {"step": state.global_step, "epoch": state.epoch, "eval": metrics,
                              "best": improved})
-        for tracker in accelerator.trackers:
+        matrix = extras.get("confusion")
+        for tracker in accelerator.trackers if matrix is not None else ():
             if hasattr(tracker, "log_images"):
                 try:
                     tracker.log_images({"eval/confusion_matrix": confusion_matrix_image(matrix, label_names)[None]},
                                        step=state.global_step, dataformats="NHWC")
                 except Exception as exc:  # an image is a nicety; never let it stop training
                     print(f"bertfit: could not log the confusion matrix to {tracker.name}: {exc}", flush=True)
-        print(f"bertfit: eval at step {state.global_step}: {es.metric}={value:.4f}"
-              f"{' (best)' if improved else ''}; doc_accuracy={metrics['doc_accuracy']:.4f} "
-              f"window_accuracy={metrics['window_accuracy']:.4f} doc_loss={metrics['doc_loss']:.4f}", flush=True)
+        shown = dict.fromkeys([es.metric, "doc_accuracy", "window_accuracy", "doc_f1_micro", "doc_mse",
+                               "doc_pearson", "doc_loss"])
+        print(f"bertfit: eval at step {state.global_step}: {es.metric}={value:.4f}{' (best)' if improved else ''}; "
+              + " ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics and k != es.metric), flush=True)
     return es.patience is not None and state.bad_evals >= es.patience
 
 

@@ -31,15 +31,16 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: f
 
 def warmup_steps_for(total_steps: int, warmup_steps: int | None, warmup_ratio: float) -> int:
     warmup = warmup_steps if warmup_steps is not None else math.ceil(warmup_ratio * total_steps)
-    return min(warmup, max(total_steps - 1, 0))  # leave at least the last step for the decay to 0
+    return min(warmup, max(total_steps - 1, 0))  # leave at least the last step for the decay
 
 
 def lr_at_step(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
     """LR for optimizer step ``step`` (1-based): rises linearly to ``peak_lr`` at step ``warmup_steps``, then
-    falls linearly to exactly 0 at step ``total_steps``."""
+    falls linearly, reaching 0 one step after ``total_steps``: every step, the last included, changes the weights
+    (a decay ending ON the last step made it a no-op, and a 1-step run trained nothing)."""
     if warmup_steps > 0 and step <= warmup_steps:
         return peak_lr * step / warmup_steps
-    return peak_lr * max(total_steps - step, 0) / max(total_steps - warmup_steps, 1)
+    return peak_lr * max(total_steps - step + 1, 0) / max(total_steps - warmup_steps, 1)
 
 
 def set_lr(optimizer, lr: float) -> None:
