@@ -198,7 +198,7 @@ def read_export_info(model_dir: str | Path) -> dict:
             raise ValueError(f"{EXPORT_INFO}: 'chunking.{key}' must be a positive integer, got {json.dumps(value)}")
     choices = {"pooling": EXPORT_POOLINGS[problem_type], "task": ("single", "pair")}
     for key, allowed in choices.items():
-        if key in info and info[key] not in allowed:
+        if info.get(key) is not None and info[key] not in allowed:  # null: the problem type's default
             what = f" for a {problem_type} model" if key == "pooling" and problem_type != "single_label" else ""
             raise ValueError(f"{EXPORT_INFO}: {key!r} must be one of {', '.join(allowed)}{what}, got "
                              f"{json.dumps(info[key])[:80]}")

@@ -189,7 +189,7 @@ def load_export(model_dir: str | Path, device: str | None = None):
     if problem_type == "multi_label" and thresholds is None:
         thresholds = [0.5] * len(labels)  # the default decision threshold of training's metrics
     info = {**info, "labels": labels, "problem_type": problem_type,
-            "pooling": info.get("pooling") or default_pooling(problem_type), "task": info.get("task", "single"),
+            "pooling": info.get("pooling") or default_pooling(problem_type), "task": info.get("task") or "single",
             "chunking": info.get("chunking"), "thresholds": thresholds, "clean": tuple(info.get("clean") or ()),
             "max_positions": getattr(model.config, "max_position_embeddings", None)}
     return model, tokenizer, info
