@@ -88,7 +88,7 @@ def pipeline_scores(tmp_path: Path, best: Path, text: str) -> dict[str, float]:
         import json
         from transformers import pipeline
         clf = pipeline("text-classification", model={str(best)!r}, top_k=None)
-        print(json.dumps({{r["label"]: r["score"] for r in clf({text!r})}}))
+        print(json.dumps({{r["label"]: r["score"] for r in clf([{text!r}])[0]}}))
     """))
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=train_env(tmp_path), capture_output=True,
                        text=True, timeout=300)
