@@ -168,7 +168,8 @@ def reload_metrics(best: Path, data: Path, label_names: list[str]) -> dict:
         for row in ds:
             ids = torch.tensor([row["input_ids"]])
             logits.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy())
-    metrics, _ = score(np.array(logits), np.array(ds["label"]), np.array(ds["doc_id"]), label_names, "mean")
+    metrics, _ = score(np.array(logits), np.array(ds["label"]), np.array(ds["doc_id"]), "single_label", label_names,
+                       "mean")
     return metrics
 
 

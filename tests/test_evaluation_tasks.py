@@ -133,17 +133,6 @@ def test_default_and_allowed_poolings():
         ev.allowed_poolings("classification")
 
 
-def test_old_pool_document_logits_is_the_single_label_pooling():
-    logits = np.random.default_rng(0).normal(size=(6, 2))
-    docs = np.array([4, 1, 4, 1, 9, 4])
-    for pooling in ("mean", "max", "max_positive"):
-        ids_old, old = ev.pool_document_logits(logits, docs, pooling)
-        ids_new, new = ev.pool_documents(ev.window_outputs(logits, "single_label"), docs, "single_label", pooling)
-        np.testing.assert_array_equal(ids_old, ids_new)
-        np.testing.assert_array_equal(old, new)
-    np.testing.assert_allclose(ev.softmax(logits).sum(1), 1.0)
-
-
 # ----------------------------------------------------------------------- metrics per task
 
 
@@ -157,7 +146,7 @@ def _multi_case(seed=0, windows=40, labels=3):
     return logits, window_labels, docs
 
 
-def test_score_single_label_matches_sklearn_and_old_form():
+def test_score_single_label_matches_sklearn():
     rng = np.random.default_rng(1)
     docs = rng.integers(0, 20, 70)
     doc_class = rng.integers(0, 3, 20)
@@ -166,7 +155,7 @@ def test_score_single_label_matches_sklearn_and_old_form():
     names = ["neg", "neu", "pos"]
     metrics, extras = ev.score(logits, labels, docs, "single_label", names, "mean")
     assert set(metrics) == _prefixed(tm.metric_names(names, "single_label"))
-    ids, probs = ev.pool_document_logits(logits, docs, "mean")
+    ids, probs = ev.pool_documents(ev.softmax(logits), docs, "single_label", "mean")
     np.testing.assert_array_equal(extras["doc_ids"], ids)
     np.testing.assert_array_equal(extras["doc_labels"], doc_class[ids])
     pred = probs.argmax(1)
@@ -178,10 +167,6 @@ def test_score_single_label_matches_sklearn_and_old_form():
     np.testing.assert_array_equal(extras["confusion"], skm.confusion_matrix(doc_class[ids], pred, labels=[0, 1, 2]))
     assert extras["thresholds"] is None and extras["label_confusion"] is None
     assert metrics["num_docs"] == len(ids) and metrics["num_windows"] == 70
-    # the older positional form still works for callers that have not moved yet
-    old_metrics, matrix = ev.score(logits, labels, docs, names, "mean")
-    assert old_metrics == metrics
-    np.testing.assert_array_equal(matrix, extras["confusion"])
 
 
 def test_score_multi_label_matches_sklearn():
@@ -375,7 +360,7 @@ def test_run_evaluation_regression_uses_real_lengths_and_output_scale():
         ev.run_evaluation(_accelerator(), _ValueModel(1), [batch], [], "regression", "mean", 4)
 
 
-def test_run_evaluation_multi_label_and_old_single_label_form():
+def test_run_evaluation_multi_label_and_single_label():
     ids = torch.tensor([[1, 5], [0, 5], [2, 5]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "labels": torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 1.0]]),
@@ -386,5 +371,5 @@ def test_run_evaluation_multi_label_and_old_single_label_form():
     np.testing.assert_allclose(extras["doc_outputs"], [[sig[0]] * 2, [sig[1]] * 2])
     assert metrics["doc_subset_accuracy"] == 0.0 and extras["thresholds"] == [0.8, 0.8]
     batch["labels"] = torch.tensor([0, 0, 1])
-    old_metrics, matrix = ev.run_evaluation(_accelerator(), _ValueModel(2), [batch], ["a", "b"], "mean", 3)
-    assert matrix.shape == (2, 2) and old_metrics["num_docs"] == 2.0
+    single, extras = ev.run_evaluation(_accelerator(), _ValueModel(2), [batch], ["a", "b"], "single_label", "mean", 3)
+    assert extras["confusion"].shape == (2, 2) and single["num_docs"] == 2.0

@@ -251,7 +251,7 @@ def test_exported_best_model_loads_with_pipeline_and_reproduces_metrics(referenc
             for row in ds:
                 ids = torch.tensor([row["input_ids"]])
                 logits.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy())
-        metrics, _ = score(np.array(logits), np.array(ds["label"]), np.array(ds["doc_id"]),
+        metrics, _ = score(np.array(logits), np.array(ds["label"]), np.array(ds["doc_id"]), "single_label",
                            {manifest["labels"]!r}, "mean")
         print(json.dumps({{"labels": labels, "metrics": metrics}}))
     """))

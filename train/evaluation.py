@@ -34,7 +34,6 @@ __all__ = [
     "classification_report_text",
     "confusion_matrix_image",
     "default_pooling",
-    "pool_document_logits",
     "pool_documents",
     "rescore",
     "run_evaluation",
@@ -168,13 +167,6 @@ def pool_documents(outputs: np.ndarray, doc_ids: np.ndarray, problem_type: str, 
     return ids, pooled
 
 
-def pool_document_logits(logits: np.ndarray, doc_ids: np.ndarray, pooling: str = "mean"
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """single_label only, kept for older callers: :func:`pool_documents` of the windows' softmax
-    probabilities. Returns (sorted unique doc ids, probabilities [docs, classes])."""
-    return pool_documents(window_outputs(logits, "single_label"), np.asarray(doc_ids), "single_label", pooling)
-
-
 def resolve_thresholds(thresholds, num_labels: int) -> np.ndarray:
     """Per-label thresholds as float64 [L]: None -> 0.5 each; one number -> that for every label."""
     if thresholds is None:
@@ -219,13 +211,7 @@ def score(logits: np.ndarray, labels: np.ndarray, doc_ids: np.ndarray, problem_t
 
     Losses: single_label cross-entropy of the (pooled) probabilities; multi_label mean binary cross-entropy
     of the (pooled) probabilities vs the multi-hot labels; regression mean squared error.
-
-    Older form kept until its callers move: ``score(logits, labels, doc_ids, label_names, pooling)`` (a list
-    where ``problem_type`` goes) is single_label and returns (metrics, confusion matrix).
     """
-    legacy = not isinstance(problem_type, str)
-    if legacy:
-        label_names, pooling, problem_type = problem_type, label_names, "single_label"
     check_problem_type(problem_type)
     if label_names is None or isinstance(label_names, str):
         raise TypeError("label_names must be a list of label names")
@@ -276,8 +262,6 @@ def score(logits: np.ndarray, labels: np.ndarray, doc_ids: np.ndarray, problem_t
         metrics["doc_loss"] = metrics["doc_mse"]
     metrics["num_docs"] = float(len(ids))
     metrics["num_windows"] = float(len(labels))
-    if legacy:
-        return metrics, extras["confusion"]
     return metrics, extras
 
 
@@ -342,13 +326,7 @@ def run_evaluation(accelerator, model, loader, label_names: list[str], problem_t
     Window token counts (regression pooling) come from ``batch["real_lengths"]``, else the attention mask.
     ``output_scale = (mean, std)`` de-standardises regression outputs (value = logit * std + mean) before
     scoring, so metrics are in the targets' own units.
-
-    Older form kept until its caller moves: ``run_evaluation(accelerator, model, loader, label_names, pooling,
-    expected_windows)`` is single_label and returns (metrics, confusion matrix).
     """
-    legacy = problem_type not in PROBLEM_TYPES and expected_windows is None and isinstance(pooling, int)
-    if legacy:
-        problem_type, pooling, expected_windows = "single_label", problem_type, pooling
     check_problem_type(problem_type)
     pooling = default_pooling(problem_type) if pooling is None else pooling
     check_pooling(problem_type, pooling)  # before the forward passes, not after
@@ -357,7 +335,7 @@ def run_evaluation(accelerator, model, loader, label_names: list[str], problem_t
     model.eval()
     logits, labels, docs, rows, tokens = [], [], [], [], []
     for batch in loader:
-        out = model(**{k: v for k, v in model_inputs(batch, accelerator.device).items() if k != "labels"})
+        out = model(**model_inputs(batch, accelerator.device))
         logits.append(out.logits.float())
         labels.append(batch["labels"])
         docs.append(batch["doc_ids"])
@@ -385,11 +363,8 @@ def run_evaluation(accelerator, model, loader, label_names: list[str], problem_t
     if problem_type == "regression" and output_scale is not None:
         mean, std = output_scale
         window_logits = window_logits * float(std) + float(mean)
-    metrics, extras = score(window_logits, got["labels"], got["docs"], problem_type, label_names, pooling,
-                            window_tokens=got["tokens"], thresholds=thresholds)
-    if legacy:
-        return metrics, extras["confusion"]
-    return metrics, extras
+    return score(window_logits, got["labels"], got["docs"], problem_type, label_names, pooling,
+                 window_tokens=got["tokens"], thresholds=thresholds)
 
 
 def classification_report_text(doc_outputs: np.ndarray, doc_labels: np.ndarray, problem_type: str,
