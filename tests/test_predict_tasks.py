@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_predict_faults import assert_one_error, run
 from train.evaluate import main as evaluate_main
 from train.predict import main as predict_main
 
@@ -76,21 +77,6 @@ def exports(tmp_path_factory, tiny_model):
         "pair": build_export(root / "pair", tiny_model, "single_label", ["no", "yes"], seed=5, task="pair"),
     }
     return {"root": root, "models": models, "tiny": tiny_model, **{name: root / name for name in models}}
-
-
-def run(main, args, capfd) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    stdout, stderr = capfd.readouterr()
-    return rc, stdout, stderr
-
-
-def assert_one_error(rc: int, stderr: str, *needles: str) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert rc == 2, stderr
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def write_csv(path, header, rows):
