@@ -170,3 +170,23 @@ def test_regression_end_to_end(tmp_path, tiny_model):
     piped = pipeline_scores(tmp_path, out / "best", text)  # identity: the export outputs raw target values
     assert float(row["value"]) == pytest.approx(next(iter(piped.values())), abs=1e-4)
     assert 0.0 < float(row["value"]) < 6.0  # de-standardised: on the 1..5 scale, not around 0
+
+
+@pytest.mark.parametrize("case", ["tune_without_eval_split", "unknown_pos_weight_label", "class_weights_multi_label",
+                                  "max_positive_multi_label"])
+def test_multi_label_settings_that_cannot_work_are_one_line_errors(tmp_path, tiny_model, case):
+    data = prepare(tmp_path, tiny_model, "multi_label", multi_label_rows(40), "labels")
+    extra, needle = {
+        "tune_without_eval_split": ({"threshold": "tune", "eval_split": None},
+                                    "threshold: tune needs an eval_split"),
+        "unknown_pos_weight_label": ({"pos_weight": {"politics": 2.0}}, "pos_weight: unknown label(s) 'politics'"),
+        "class_weights_multi_label": ({"class_weights": "balanced"},
+                                      "class_weights is for single-label data; this data is multi_label"),
+        "max_positive_multi_label": ({"pooling": "max_positive"}, "pooling max_positive is not for multi_label data"),
+    }[case]
+    config = write_config(tmp_path / "bad.yaml", model=str(tiny_model), data=str(data),
+                          output_dir=str(tmp_path / "out"), **extra)
+    r = subprocess.run([sys.executable, "-m", "train", "--config", str(config)], cwd=ROOT, env=train_env(tmp_path),
+                       capture_output=True, text=True, timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
