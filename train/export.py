@@ -50,6 +50,9 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, info: dict,
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(info.get("metrics", {}), indent=2) + "\n")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(info.get("config", {}), sort_keys=False))
+        from train.model_card import write_model_card  # imports this module: a top-level import would be circular
+
+        write_model_card(tmp)  # README.md: the Hub's model card, from the bertfit.json just written
         old = out.parent / f".{out.name}.old"
         if old.exists():
             shutil.rmtree(old)
