@@ -268,9 +268,9 @@ def test_exported_best_model_loads_with_pipeline_and_reproduces_metrics(referenc
 def test_tensorboard_has_the_documented_tags(reference):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = list((reference["out"] / "logs").glob("run*"))
-    assert runs, "no TensorBoard run folder under logs/"
-    acc = EventAccumulator(str(runs[0]), size_guidance={"images": 0, "scalars": 0})
+    run_dir = reference["out"] / "logs" / "bertfit"  # logs/<tracker_project>
+    assert run_dir.is_dir(), "no TensorBoard run folder under logs/"
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/padding_fraction",
@@ -279,8 +279,83 @@ def test_tensorboard_has_the_documented_tags(reference):
         assert tag in scalars, tag
     assert "eval/confusion_matrix" in acc.Tags()["images"]
     assert len(acc.Scalars("train/loss")) == max(train_records(reference["out"]))
-    hparams = list((reference["out"] / "logs").rglob("hparams.yml"))
-    assert hparams, "hyperparameters were not stored"
+    # HParams view: one session with the hyperparameters and the best model's metrics, to compare runs by
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    start = [plugin_data_pb2.HParamsPluginData.FromString(c).session_start_info for c in content.values()
+             if plugin_data_pb2.HParamsPluginData.FromString(c).HasField("session_start_info")]
+    assert len(start) == 1, content.keys()
+    assert start[0].hparams["learning_rate"].number_value == reference["cfg"]["learning_rate"]
+    assert start[0].hparams["early_stopping.metric"].string_value == "doc_accuracy"
+    best = json.loads((reference["out"] / "best" / "bertfit.json").read_text())["metrics"]
+    assert acc.Scalars("best/doc_accuracy")[-1].value == pytest.approx(best["doc_accuracy"])
+
+
+TRACKER_HOOK = """
+import json, sys
+from pathlib import Path
+from accelerate import tracking
+from accelerate.utils import LoggerType
+
+RECORD = Path({record!r})
+
+class FakeWandB(tracking.GeneralTracker):
+    \"\"\"Stands in for W&B: records what wandb.init and wandb.log would have been given.\"\"\"
+    name = "wandb"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, run_name, **kwargs):
+        super().__init__()
+        self.data = {{"project": run_name, "init_kwargs": kwargs, "config": None, "logs": []}}
+
+    def start(self):
+        pass
+
+    @property
+    def tracker(self):
+        return self
+
+    def store_init_configuration(self, values):
+        self.data["config"] = values
+        RECORD.write_text(json.dumps(self.data))
+
+    def log(self, values, step=None, **kwargs):
+        self.data["logs"].append({{"step": step, **values}})
+        RECORD.write_text(json.dumps(self.data))
+
+tracking.LOGGER_TYPE_TO_CLASS["wandb"] = FakeWandB
+if LoggerType.WANDB not in tracking._available_trackers:
+    tracking._available_trackers.append(LoggerType.WANDB)
+from train.loop import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_trackers_get_the_project_the_run_name_the_config_and_the_best_metrics(tmp_path, tiny_model, prepared):
+    data, _ = prepared
+    out = tmp_path / "runs" / "my-run"
+    record = tmp_path / "wandb.json"
+    hook = tmp_path / "tracked_train.py"
+    hook.write_text(TRACKER_HOOK.format(record=str(record)))
+    cfg = base_config(tiny_model, data, out, epochs=1, report_to="wandb", tracker_project="bbc-experiments",
+                      tracker_init_kwargs={"wandb": {"entity": "my-team", "tags": ["tiny"]}})
+    config = write_config(tmp_path / "run.yaml", **cfg)
+    cmd = train_command(config, nproc=1, accelerate_config=None)
+    cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(hook)]
+    log = tmp_path / "run.log"
+    assert run(cmd, log, train_env(tmp_path)) == 0, tail(log)
+    got = json.loads(record.read_text())
+    assert got["project"] == "bbc-experiments"  # not "run"
+    assert got["init_kwargs"] == {"name": "my-run", "entity": "my-team", "tags": ["tiny"]}
+    assert got["config"]["learning_rate"] == cfg["learning_rate"] and got["config"]["seed"] == cfg["seed"]
+    assert any("train/loss" in r for r in got["logs"]) and any("eval/doc_accuracy" in r for r in got["logs"])
+    best = json.loads((out / "best" / "bertfit.json").read_text())["metrics"]
+    final = got["logs"][-1]
+    assert final["best/doc_accuracy"] == pytest.approx(best["doc_accuracy"])
+    assert final["best/doc_loss"] == pytest.approx(best["doc_loss"])
 
 
 # ------------------------------------------------------------------------------------------ bad configs

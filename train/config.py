@@ -101,6 +101,15 @@ class TrainConfig:
     scaling is folded into the classifier's last layer)."""
     report_to: str = "tensorboard"
     """Trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim, ..., all, or none."""
+    tracker_project: str = "bertfit"
+    """The trackers' project: W&B / trackio / SwanLab project, MLflow experiment, ClearML project; TensorBoard
+    writes under logs/<tracker_project>/."""
+    run_name: Optional[str] = None
+    """This run's name in the trackers (W&B name, MLflow run_name, ClearML task_name, SwanLab experiment_name);
+    null = the output_dir's folder name."""
+    tracker_init_kwargs: dict[str, dict] = field(default_factory=dict)
+    """More arguments for each tracker's init, by tracker name, e.g. {wandb: {entity: my-team, tags: [bbc]}}
+    (passed to accelerate's init_trackers; they win over the run name set above)."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir if there is one; none: start fresh;
     or the path of a checkpoint folder."""
@@ -279,12 +288,35 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 
 def flat_hparams(cfg: TrainConfig) -> dict:
-    """Config as flat scalars for tracker hyperparameter tables (None -> "null")."""
+    """Config as flat scalars for tracker hyperparameter tables (None -> "null", lists and deeper dicts -> JSON)."""
+    import json
+
+    def scalar(v):
+        if v is None:
+            return "null"
+        return v if isinstance(v, (bool, int, float, str)) else json.dumps(v, sort_keys=True)
+
     flat = {}
     for k, v in to_dict(cfg).items():
         if isinstance(v, dict):
             for k2, v2 in v.items():
-                flat[f"{k}.{k2}"] = "null" if v2 is None else v2
+                flat[f"{k}.{k2}"] = scalar(v2)
         else:
-            flat[k] = "null" if v is None else v
+            flat[k] = scalar(v)
     return flat
+
+
+# The run-name argument of each tracker's init (accelerate passes the project positionally).
+RUN_NAME_ARGUMENT = {"wandb": "name", "mlflow": "run_name", "clearml": "task_name", "swanlab": "experiment_name",
+                     "trackio": "name"}
+
+
+def tracker_init_kwargs(cfg: TrainConfig) -> dict[str, dict]:
+    """init_kwargs for accelerate's init_trackers: the run name where a tracker takes one, then the user's."""
+    from pathlib import Path
+
+    name = cfg.run_name or Path(cfg.output_dir).resolve().name
+    kwargs = {tracker: {arg: name} for tracker, arg in RUN_NAME_ARGUMENT.items()}
+    for tracker, extra in cfg.tracker_init_kwargs.items():
+        kwargs[tracker] = {**kwargs.get(tracker, {}), **extra}
+    return kwargs

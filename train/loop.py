@@ -29,7 +29,7 @@ from train import run_lock, signals
 from train.checkpoint import (LoopState, latest_usable_checkpoint, load_checkpoint, remove_partial_checkpoints,
                               save_checkpoint, verify_checkpoint)
 from train.config import (EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig,
-                          flat_hparams, parse_config, to_dict)
+                          flat_hparams, parse_config, to_dict, tracker_init_kwargs)
 from train.cpu_dropout import use_fast_cpu_dropout
 from train.data import (WindowBatches, check_split_contract, epoch_batches, eval_batches, label_array, load_split,
                         make_loader, model_inputs, steps_per_epoch)
@@ -141,7 +141,11 @@ def train(cfg: TrainConfig) -> int:
         out.mkdir(parents=True, exist_ok=True)
         trim_history(out, state.global_step)
         write_status(out, "running", state.global_step, world=world)
-    accelerator.init_trackers("run", config=flat_hparams(cfg))
+    hparams = flat_hparams(cfg)
+    accelerator.init_trackers(cfg.tracker_project, init_kwargs=tracker_init_kwargs(cfg))
+    for tracker in accelerator.trackers:  # TensorBoard gets them at the end, with the best model's metrics
+        if tracker.name != "tensorboard":
+            tracker.store_init_configuration(hparams)
 
     flops_per_token = None
     info = {"labels": label_names, "chunking": manifest["chunking"], "task": manifest.get("task", "single"),
@@ -242,6 +246,8 @@ def train(cfg: TrainConfig) -> int:
             export_model(accelerator, model, tokenizer, out / "best",
                          {**info, "step": state.global_step, "metrics": {}}, output_scale=scale)
     progress.close()
+    if main:
+        log_best_metrics(accelerator, out, hparams, state.global_step)
     accelerator.end_training()
     print(f"bertfit: rank {rank} finished at step {state.global_step} ({stop_reason or 'completed'})", flush=True)
     if main:
@@ -513,6 +519,24 @@ def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_b
         print(f"bertfit: eval at step {state.global_step}: {es.metric}={value:.4f}{' (best)' if improved else ''}; "
               + " ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics and k != es.metric), flush=True)
     return es.patience is not None and state.bad_evals >= es.patience
+
+
+def log_best_metrics(accelerator, out: Path, hparams: dict, step: int) -> None:
+    """The exported model's metrics as best/<name>, and in TensorBoard together with the hyperparameters: what
+    TensorBoard's HParams view, W&B's summary and MLflow compare runs by."""
+    try:
+        metrics = json.loads((out / "best" / "bertfit.json").read_text()).get("metrics", {})
+    except (OSError, ValueError):
+        return
+    best = {f"best/{k}": float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)}
+    if not best:
+        return
+    accelerator.log(best, step=step)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":  # run_name ".": the same folder as the run's scalars
+            tracker.writer.add_hparams(hparams, best, run_name=".", global_step=step)
+            tracker.writer.flush()
 
 
 def stop_signal_received(accelerator) -> bool:
