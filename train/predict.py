@@ -1,4 +1,4 @@
-"""``python -m train.predict``: classify (or score, for regression) new texts of any length with an exported model.
+"""Classify (or score, for regression) new texts of any length with an exported model.
 
     python -m train.predict --model runs/bbc/best --input new.csv --output predictions.csv
     echo "a text to classify" | python -m train.predict --model runs/bbc/best
@@ -6,6 +6,8 @@
 Each text is cleaned and windowed with the settings the model was trained with (saved beside the export), windows
 of many documents are batched together, and window outputs are pooled per document exactly as in evaluation.
 Memory stays flat however long a document is: only --batch-size windows go through the model at once.
+This command is a thin shell over the Python API (train/api.py, ``from bertfit import DocumentClassifier``): it
+reads the inputs, calls the API and writes the rows.
 """
 
 from __future__ import annotations
@@ -18,20 +20,20 @@ import itertools
 import json
 import os
 import sys
+from collections import deque
 from pathlib import Path
 
-import numpy as np
-
-from data_prep.clean import clean_text
 from data_prep.errors import DataPrepError
-from data_prep.readers import Source, detect_format, is_missing, iter_rows, source_columns
-from train.evaluation import pool_documents, window_outputs
-from train.inference import (TARGET_COLUMN, InferenceError, check_pooling, check_positive, check_threshold,
-                             chunk_settings, csv_cell, decision_thresholds, forward_windows, load_export, prediction,
-                             window_documents)
+from data_prep.readers import Source, detect_format, iter_rows, source_columns
+from train.api import DocumentClassifier
+from train.inference import TARGET_COLUMN, InferenceError, check_positive, check_threshold, csv_cell
+
+# --output suffixes and what they write; anything else is refused (a .parquet name used to get CSV text)
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
-OUTPUT_HELP = """output columns (CSV; JSONL has the same keys, sets as lists, probabilities as one object):
+OUTPUT_HELP = """output columns (CSV; JSONL has the same keys, sets as lists, probabilities as one object; Parquet
+the same columns as CSV, typed: sets as lists of strings, probabilities and values as floats):
   single-label model   id, label, prob_<label> for every label, windows
   multi-label model    id, labels (the predicted set: every label whose probability >= its threshold, joined
                        with ';'), prob_<label> for every label, windows
@@ -48,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "of .txt files (one document per file, id = relative path), or - "
                                                 "for standard input (one document per non-blank line, id = line "
                                                 "number). Default: -")
-    p.add_argument("--output", default="-", help="output .csv or .jsonl file, or - for standard output (CSV). "
-                                                 "Written to a temporary name and renamed when complete. Default: -")
+    p.add_argument("--output", default="-", help="output .csv, .jsonl or .parquet file, or - for standard output "
+                                                 "(CSV). Written to a temporary name and renamed when complete. "
+                                                 "Default: -")
     p.add_argument("--format", default="full", choices=("full", "submission"),
                    help="full: the columns below; submission: just the id and the prediction")
     p.add_argument("--submission-columns", default=None, metavar="ID,TARGET",
@@ -105,9 +108,10 @@ def pair_column_for(args, pair_model: bool) -> str | None:
     return args.text_pair_column or "text_pair"
 
 
-def iter_documents(args, pair_model: bool, clean: tuple[str, ...]):
-    """Iterator of (id, text, pair_text) documents, cleaned with the export's steps; text is None for an empty
-    document that --on-empty skip leaves unpredicted (pair_text is None for single-text models)."""
+def iter_documents(args, clf: DocumentClassifier):
+    """Iterator of (id, document) pairs: document is the (text, pair_text) cleaned with the export's steps by the
+    API (pair_text None for single-text models), or None for an empty one that --on-empty skip leaves
+    unpredicted."""
     encodings = tuple(e.strip() for e in args.encoding.split(",") if e.strip())
     if not encodings:
         raise InferenceError(f"--encoding {args.encoding!r}: give at least one encoding, e.g. utf-8,latin-1")
@@ -116,7 +120,7 @@ def iter_documents(args, pair_model: bool, clean: tuple[str, ...]):
             codecs.lookup(encoding)
         except LookupError:
             raise InferenceError(f"--encoding {encoding}: unknown encoding") from None
-    pair_col = pair_column_for(args, pair_model)
+    pair_col = pair_column_for(args, clf.pair_model)
     path = None if args.input == "-" else Path(args.input)
     if path is not None and not path.exists():
         raise InferenceError(f"--input {path}: no such file or folder")
@@ -127,20 +131,17 @@ def iter_documents(args, pair_model: bool, clean: tuple[str, ...]):
                              f"Parquet) with the pair column {pair_col!r} (--text-pair-column)")
 
     def document(doc_id: str, loc: str, text, pair=None):
-        """Clean, then apply --on-empty (emptiness judged after cleaning, as data_prep does)."""
-        text = "" if is_missing(text) else clean_text(str(text), clean)
-        if pair_col is not None:
-            pair = "" if is_missing(pair) else clean_text(str(pair), clean)
-        empty = next((col for col, t in ((args.text_column, text), (pair_col, pair))
-                      if col is not None and not t.strip()), None)
+        """Clean, then apply --on-empty (emptiness judged after cleaning, as data_prep does); the errors name
+        the row and column, which the API cannot know."""
+        text, pair = clf.clean(text, pair)
+        empty = {"texts": args.text_column, "text_pairs": pair_col}.get(clf.empty_part(text, pair))
         if empty is not None:
             if args.on_empty == "error":
-                raise InferenceError(f"{loc}: empty text in column {empty!r}"
-                                     f"{' after cleaning (' + ','.join(clean) + ')' if clean else ''}; "
+                raise InferenceError(f"{loc}: empty text in column {empty!r}{clf.after_cleaning()}; "
                                      "--on-empty skip or predict keeps going")
             if args.on_empty == "skip":
-                return doc_id, None, None
-        return doc_id, text, pair
+                return doc_id, None
+        return doc_id, (text, pair)
 
     if path is None:
         text = decode_stdin(sys.stdin.buffer.read(), encodings)
@@ -203,49 +204,28 @@ def decode_stdin(data: bytes, encodings: tuple[str, ...]) -> str:
                          "uses another encoding")
 
 
+def output_format(output: str) -> str:
+    """csv, jsonl or parquet, from --output's suffix (standard output is CSV); one line for any other suffix."""
+    if output == "-":
+        return "csv"
+    suffix = Path(output).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise InferenceError(f"--output {output}: unknown output format {suffix or '(no suffix)'}; give a .csv, "
+                             ".jsonl or .parquet file name, or - for standard output")
+    return OUTPUT_FORMATS[suffix]
+
+
 def check_output(output: str) -> None:
-    """--output must be a file name in an existing folder; checked before the model is loaded."""
+    """--output must be a file name with a known suffix in an existing folder; checked before the model is
+    loaded."""
     if output == "-":
         return
     path = Path(output)
     if path.is_dir():
-        raise InferenceError(f"--output {output}: is a folder; give a file name (.csv or .jsonl)")
+        raise InferenceError(f"--output {output}: is a folder; give a file name (.csv, .jsonl or .parquet)")
     if not path.parent.is_dir():
         raise InferenceError(f"--output {output}: folder {path.parent} does not exist")
-
-
-def blocks(docs, size: int):
-    block = []
-    for doc in docs:
-        block.append(doc)
-        if len(block) >= size:
-            yield block
-            block = []
-    if block:
-        yield block
-
-
-def predict_block(model, tokenizer, settings, problem_type: str, pooling: str, batch_size: int, block,
-                  pairs: bool) -> list[tuple[np.ndarray | float | None, int]]:
-    """(document output, windows) per (id, text, pair) document of a block: probabilities [labels]
-    (single/multi-label) or the value (regression); (None, 0) for a document skipped by --on-empty."""
-    kept = [i for i, (_, text, _) in enumerate(block) if text is not None]
-    results: list[tuple[np.ndarray | float | None, int]] = [(None, 0)] * len(block)
-    if not kept:
-        return results
-    windows, types, doc_index = window_documents(tokenizer, [block[i][1] for i in kept], settings,
-                                                 [block[i][2] for i in kept] if pairs else None)
-    logits = forward_windows(model, windows, types, tokenizer.pad_token_id, batch_size)
-    window_tokens = np.asarray([len(w) for w in windows])  # weights of regression's mean, as in training
-    try:
-        _, pooled = pool_documents(window_outputs(logits, problem_type), doc_index, problem_type, pooling,
-                                   window_tokens)
-    except ValueError as exc:
-        raise InferenceError(f"--pooling {pooling}: {exc}") from None
-    counts = np.bincount(doc_index, minlength=len(kept))  # every document has at least one window
-    for k, i in enumerate(kept):
-        results[i] = (float(pooled[k]) if problem_type == "regression" else pooled[k], int(counts[k]))
-    return results
+    output_format(output)
 
 
 def output_header(args, problem_type: str, labels: list[str], submission_columns: tuple[str, str]) -> list[str]:
@@ -255,41 +235,87 @@ def output_header(args, problem_type: str, labels: list[str], submission_columns
     return ["id", TARGET_COLUMN[problem_type], *probs, "windows"]
 
 
-def write_rows(args, info: dict, thresholds: list[float] | None, submission_columns: tuple[str, str],
-               results) -> int:
-    """Stream result rows to --output (temporary file renamed at the end) or stdout; returns rows written."""
-    problem_type, labels = info["problem_type"], info["labels"]
-    target = TARGET_COLUMN[problem_type]
+def parquet_schema(header: list[str], problem_type: str, submission: bool):
+    """Typed columns: id as text, the prediction as a string / list of strings / float, probabilities as
+    floats, windows as an integer (a skipped document's prediction and probabilities are null)."""
+    import pyarrow as pa
+
+    target = {"single_label": pa.string(), "multi_label": pa.list_(pa.string()),
+              "regression": pa.float64()}[problem_type]
+    types = [pa.string(), target] if submission else [pa.string(), target, *[pa.float64()] * (len(header) - 3),
+                                                        pa.int64()]
+    return pa.schema(list(zip(header, types)))
+
+
+class ParquetRows:
+    """Rows written to a Parquet file in row groups of ``group`` rows, so memory stays flat for any input."""
+
+    def __init__(self, path: Path, schema, group: int = 4096):
+        import pyarrow.parquet as pq
+
+        self.schema, self.group, self.rows = schema, group, []
+        self.writer = pq.ParquetWriter(path, schema)
+
+    def writerow(self, row: list) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if self.rows:
+            columns = [list(column) for column in zip(*self.rows)]
+            self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def write_rows(args, clf: DocumentClassifier, submission_columns: tuple[str, str], results) -> int:
+    """Stream (id, DocumentPrediction) rows to --output (temporary file renamed at the end) or stdout; returns
+    rows written."""
+    problem_type, labels = clf.problem_type, clf.labels
+    target = TARGET_COLUMN[problem_type]  # also the name of the DocumentPrediction field holding the prediction
+    fmt = output_format(args.output)
+    header = output_header(args, problem_type, labels, submission_columns)
     out_path = None if args.output == "-" else Path(args.output)
-    as_jsonl = out_path is not None and out_path.suffix.lower() in (".jsonl", ".json")
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}" if out_path else None
     try:
-        fh = open(tmp, "w", newline="", encoding="utf-8") if tmp else sys.stdout
+        if fmt == "parquet":
+            fh = ParquetRows(tmp, parquet_schema(header, problem_type, args.format == "submission"))
+        else:
+            fh = open(tmp, "w", newline="", encoding="utf-8") if tmp else sys.stdout
     except OSError as exc:
         raise InferenceError(f"--output {args.output}: cannot write: {exc.strerror or exc}") from None
     n = 0
     try:
-        writer = None if as_jsonl else csv.writer(fh)
-        if writer:
-            writer.writerow(output_header(args, problem_type, labels, submission_columns))
-        for doc_id, output, windows in results:
-            predicted = prediction(problem_type, labels, thresholds, output)
-            has_probs = problem_type != "regression" and output is not None
-            if as_jsonl:
+        writer = csv.writer(fh) if fmt == "csv" else fh if fmt == "parquet" else None
+        if fmt == "csv":
+            writer.writerow(header)
+        for doc_id, result in results:
+            predicted = getattr(result, target)
+            probs = result.probabilities
+            if fmt == "jsonl":
                 if args.format == "submission":
                     rec = {submission_columns[0]: doc_id, submission_columns[1]: predicted}
                 else:
                     rec = {"id": doc_id, target: predicted}
                     if problem_type != "regression":
-                        rec["probabilities"] = dict(zip(labels, map(float, output))) if has_probs else None
-                    rec["windows"] = windows
+                        rec["probabilities"] = probs
+                    rec["windows"] = result.windows
                 fh.write(json.dumps(rec) + "\n")
             elif args.format == "submission":
-                writer.writerow([doc_id, csv_cell(predicted)])
+                writer.writerow([doc_id, csv_cell(predicted) if fmt == "csv" else predicted])
             else:
-                probs = ([f"{p:.6f}" for p in output] if has_probs
-                         else [""] * (0 if problem_type == "regression" else len(labels)))
-                writer.writerow([doc_id, csv_cell(predicted), *probs, windows])
+                prob_cells = ([] if problem_type == "regression" else
+                              list(probs.values()) if probs is not None else [None] * len(labels))
+                if fmt == "csv":
+                    prob_cells = ["" if p is None else f"{p:.6f}" for p in prob_cells]
+                    predicted = csv_cell(predicted)
+                writer.writerow([doc_id, predicted, *prob_cells, result.windows])
             n += 1
         if tmp:
             fh.close()
@@ -311,32 +337,34 @@ def main(argv: list[str] | None = None) -> int:
         check_threshold(args.threshold)
         submission_columns = parse_submission_columns(args.submission_columns)
         check_output(args.output)
-        model, tokenizer, info = load_export(args.model, args.device)
-        problem_type = info["problem_type"]
-        submission_columns = submission_columns or ("id", TARGET_COLUMN[problem_type])
-        thresholds = decision_thresholds(args.threshold, info)
-        settings = chunk_settings(tokenizer, info, args.chunk_size, args.stride, args.max_length)
-        pooling = check_pooling(args.pooling, info) if args.pooling else check_pooling(
-            info["pooling"], info, "bertfit.json pooling")
-        pairs = info["task"] == "pair"
-        docs = iter_documents(args, pairs, info["clean"])
+        clf = DocumentClassifier.from_pretrained(
+            args.model, args.device, batch_size=args.batch_size, docs_per_block=args.docs_per_block,
+            pooling=args.pooling, threshold=args.threshold, on_empty=args.on_empty, chunk_size=args.chunk_size,
+            stride=args.stride, max_length=args.max_length)
+        submission_columns = submission_columns or ("id", TARGET_COLUMN[clf.problem_type])
+        ids_and_documents = iter_documents(args, clf)
         from tqdm.auto import tqdm
 
         progress = tqdm(unit="doc", desc="predict", disable=not sys.stderr.isatty(), file=sys.stderr)
 
         def results():
-            for block in blocks(docs, args.docs_per_block):
-                outputs = predict_block(model, tokenizer, settings, problem_type, pooling, args.batch_size, block,
-                                        pairs)
-                progress.update(len(block))
-                for (doc_id, _, _), (output, windows) in zip(block, outputs):
-                    yield doc_id, output, windows
+            # tee the ids past the API: it reads the documents one block ahead of the results it yields
+            ids = deque()
+
+            def documents():
+                for doc_id, document in ids_and_documents:
+                    ids.append(doc_id)
+                    yield document
+
+            for result in clf.predict_cleaned(documents()):
+                progress.update(1)
+                yield ids.popleft(), result
 
         stream = results()
         first = next(stream, None)  # an empty input is an error before anything is written
         if first is None:
             raise InferenceError(f"--input {args.input}: no documents to classify")
-        written = write_rows(args, info, thresholds, submission_columns, itertools.chain([first], stream))
+        written = write_rows(args, clf, submission_columns, itertools.chain([first], stream))
         progress.close()
     except (InferenceError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
