@@ -31,6 +31,7 @@ demo: setup
 	$(PY) -m bench.demo
 
 test: setup
+	bash tests/system_setup.sh
 	$(PY) -m pytest -q
 
 test-fast: setup

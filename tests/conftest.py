@@ -15,6 +15,28 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+EXTENSION_BUILD_LIMIT_S = 1800  # a first build on a slow, busy 2-core machine took ~5 min; cached afterwards
+
+
+def pytest_sessionstart(session):
+    """Build the C++ extensions once, before any test starts its own time limit (a first DeepSpeed test used to
+    spend its whole hang timeout compiling DeepSpeed's op on a fresh, slow machine)."""
+    import subprocess
+
+    report = session.config.pluginmanager.get_plugin("terminalreporter")
+    say = report.write_line if report else print
+    say("bertfit tests: building the C++ extensions once (train/csrc kernels, DeepSpeed's shm comm op; "
+        f"cached in {os.environ['TORCH_EXTENSIONS_DIR']}, up to {EXTENSION_BUILD_LIMIT_S // 60} min the first time)")
+    try:
+        r = subprocess.run([sys.executable, "-m", "train.build_extensions"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=EXTENSION_BUILD_LIMIT_S, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        lines = [line for line in r.stdout.splitlines() if line.startswith("bertfit:")] or r.stderr.splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        lines = [f"bertfit tests: the extension build did not finish in {EXTENSION_BUILD_LIMIT_S} s; tests that "
+                 "need it will build (or fail) on their own"]
+    for line in lines:
+        say(line)
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
