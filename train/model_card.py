@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import yaml
@@ -52,10 +52,11 @@ def write_model_card(model_dir: str | Path) -> Path:
         raise ValueError(f"{folder}: no {EXPORT_INFO} (not a bertfit export)")
     info = read_json_object(folder / EXPORT_INFO)
     text = model_card_text(info, read_evaluations(folder))
-    # a unique temporary name: two evaluate runs may rewrite the same card at once
-    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_NAME}.", suffix=".tmp", dir=folder)
+    # a unique temporary name (two evaluate runs may rewrite the same card at once), created with open() rather
+    # than mkstemp so the card gets the umask's permissions like the export's other files, not 0600
+    tmp = folder / f".{CARD_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, folder / CARD_NAME)
     except BaseException:
@@ -252,11 +253,12 @@ def metrics_section(splits: list[tuple[str, str, dict, str]]) -> str:
                     names.append(key[len(prefix):])
         counts = ", ".join(f"{int(values[k])} {word}" for k, word in (("num_docs", "documents"),
                                                                        ("num_windows", "windows")) if k in values)
-        pooling = f", `{metrics['pooling']}` pooling" if isinstance(metrics.get("pooling"), str) else ""
+        pooling = f"`{metrics['pooling']}` pooling" if isinstance(metrics.get("pooling"), str) else ""
         rows = "\n".join(f"| {cell(name)} | {cell(values.get('doc_' + name, ''), 4)} | "
                          f"{cell(values.get('window_' + name, ''), 4)} |" for name in names)
-        parts.append(f"### {split}\n\n`{dataset}` split `{split}`{f' ({counts}{pooling})' if counts or pooling else ''}; "
-                     f"{source}.\n\n| metric | document | window |\n|---|---|---|\n{rows}")
+        detail = f" ({', '.join(part for part in (counts, pooling) if part)})" if counts or pooling else ""
+        parts.append(f"### {split}\n\n`{dataset}` split `{split}`{detail}; {source}.\n\n"
+                     f"| metric | document | window |\n|---|---|---|\n{rows}")
     return "\n\n".join(parts)
 
 
@@ -281,6 +283,10 @@ def usage_section(problem_type: str, info: dict) -> str:
     max_length = chunking.get("max_length", 512)
     pair = info.get("task") == "pair"
     example = '{"text": "first text", "text_pair": "second text"}' if pair else '"A text to classify."'
+    api_call = 'clf(["first text"], ["second text"])' if pair else 'clf(["A text to classify."])'
+    api_fields = {"single_label": ".label, .probabilities", "regression": ".value",
+                  "multi_label": ".labels (thresholds applied), .probabilities"}.get(problem_type, "")
+    api_call += f"  # per document: {api_fields}, .windows"
     # The function config.json's problem_type makes pipeline apply, spelled out so the snippet says what it does.
     if problem_type == "multi_label":
         function, comment = "sigmoid", "every label with its probability; predict those >= their threshold above"
@@ -299,7 +305,7 @@ bertfit windows, cleans and pools exactly as in training (the settings above, fr
 from bertfit import DocumentClassifier
 
 clf = DocumentClassifier.from_pretrained("{PLACEHOLDER_PATH}")
-clf([{example}])
+{api_call}
 ```
 
 or from the command line:
