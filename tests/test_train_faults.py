@@ -85,10 +85,10 @@ calls = {{"n": 0}}
 real = transformers.BertForSequenceClassification.forward
 def forward(self, *args, **kwargs):
     out = real(self, *args, **kwargs)
-    if self.training and out.loss is not None:
+    if self.training:  # the loop computes the loss from the logits: NaN logits make a NaN loss and gradients
         calls["n"] += 1
         if calls["n"] {condition}:
-            out.loss = out.loss * float("nan")
+            out.logits = out.logits * float("nan")
     return out
 transformers.BertForSequenceClassification.forward = forward
 from train.loop import main
@@ -97,7 +97,7 @@ sys.exit(main())
 
 
 def nan_hook(tmp_path: Path, condition: str) -> Path:
-    """A trainer whose training loss turns NaN on the micro-batches that `condition` selects (per process)."""
+    """A trainer whose training logits (so loss) turn NaN on the micro-batches `condition` selects (per process)."""
     path = tmp_path / "nan_trainer.py"
     path.write_text(NAN_HOOK.format(condition=condition))
     return path

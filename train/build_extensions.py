@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def build_cpu_kernels() -> str:
@@ -30,8 +31,25 @@ def build_deepspeed_shm_comm() -> str:
     return "built" if build_shm_op() is not None else "not compatible with this machine (DeepSpeed runs without it)"
 
 
+STALE_LOCK_S = 600  # no build here took more than ~3 min, even on a loaded 2-core machine
+
+
+def remove_stale_locks(root: Path) -> None:
+    """torch's extension builder waits forever on the `lock` file of a build that was killed (Ctrl-C, a
+    timeout): a lock older than any real build is such a leftover."""
+    for lock in root.glob("*/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > STALE_LOCK_S:
+                lock.unlink()
+                print(f"bertfit: removed {lock}, left {age / 60:.0f} min ago by a build that was killed", flush=True)
+        except OSError:
+            pass
+
+
 def main() -> int:
     where = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
+    remove_stale_locks(Path(os.path.expanduser(where)))
     for name, build in (("bertfit CPU kernels", build_cpu_kernels), ("DeepSpeed shm comm op", build_deepspeed_shm_comm)):
         start = time.perf_counter()
         print(f"bertfit: {name}: {build()} ({time.perf_counter() - start:.0f} s, cache {where})", flush=True)
