@@ -205,3 +205,19 @@ def test_single_process_zero_hint_only_for_one_deepspeed_process(plugin, process
     assert (hint is not None) == hinted
     if hinted:
         assert "1 process" in hint and "single_gpu.yaml" in hint and "\n" not in hint
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
+    import os
+    import time
+
+    from train.build_extensions import STALE_LOCK_S, remove_stale_locks
+
+    stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "bertfit_cpu_dropout" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    remove_stale_locks(tmp_path)
+    assert not stale.exists() and live.exists()
