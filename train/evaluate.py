@@ -1,10 +1,11 @@
-"""``python -m train.evaluate``: score an exported model on a prepared split.
+"""Score an exported model on a prepared split and write the reports.
 
     python -m train.evaluate --model runs/bbc/best --data data/bbc --split test
 
 Writes metrics.json (document- and window-level metrics of the model's problem type), classification_report.txt,
 predictions.csv (one row per document) and, for single-label models, confusion_matrix.png (counts and the
-row-normalised view) into --output-dir, and prints the report.
+row-normalised view) into --output-dir, and prints the report. When the reports go to the default
+<model>/eval-<split>, the export's model card (<model>/README.md) is rewritten to list this split's metrics.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from data_prep.prepare import read_manifest
 from data_prep.tokenizer import tokenizer_fingerprint
 from train.data import load_split
 from train.evaluation import classification_report_text, confusion_matrix_image, score
+from train.export import EXPORT_INFO
 from train.inference import (TARGET_COLUMN, InferenceError, check_pooling, check_positive, check_threshold,
                              csv_cell, decision_thresholds, forward_windows, load_export, prediction)
+from train.model_card import write_model_card
 
 
 # The figures printed on the summary line, per problem type (document level unless named window_).
@@ -34,9 +37,22 @@ SUMMARY_METRICS = {"single_label": ("doc_accuracy", "doc_f1_macro", "window_accu
                    "regression": ("doc_mse", "doc_mae", "doc_pearson", "doc_spearman")}
 
 
+FILES_HELP = """files written into --output-dir (default <model>/eval-<split>):
+  metrics.json               document- and window-level metrics of the model's problem type, with the pooling
+                             (and the thresholds of a multi-label model)
+  classification_report.txt  per-label precision/recall/F1 and support, or (regression) MSE, MAE,
+                             Pearson and Spearman
+  predictions.csv            one row per document: id, the true label(s) or value, predicted, prob_<label>...,
+                             windows
+  confusion_matrix.png       single-label models only: counts and the row-normalised view side by side
+With the default --output-dir, <model>/README.md (the model card) is rewritten to list every eval-*/metrics.json
+in the model folder. Exit status 0, or 2 with one error line."""
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FILES_HELP)
     p.add_argument("--model", required=True, help="an exported model folder (output_dir/best)")
     p.add_argument("--data", required=True, help="a data_prep output folder")
     p.add_argument("--split", default="test", help="split to score. Default: test")
@@ -107,7 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     summary = " ".join(f"{name}={metrics[name]:.4f}" for name in SUMMARY_METRICS[problem_type] if name in metrics)
     print(f"evaluate: {summary} -> {out}")
+    update_model_card(Path(args.model), out)
     return 0
+
+
+def update_model_card(model_dir: Path, out: Path) -> None:
+    """Rewrite the export's model card when these reports are among the ones it lists (model_dir/eval-*); the
+    reports are already written, so a card that cannot be made is a warning, not a failure."""
+    if not (out.name.startswith("eval-") and out.resolve().parent == model_dir.resolve()):
+        return  # reports kept elsewhere are not in the card
+    if not (model_dir / EXPORT_INFO).is_file():
+        return  # a plain save_pretrained folder: no bertfit.json to make a card from
+    try:
+        card = write_model_card(model_dir)
+    except (ValueError, OSError) as exc:
+        print(f"warning: model card not updated: {exc}", file=sys.stderr)
+        return
+    print(f"evaluate: model card -> {card}")
 
 
 def check_same_task(data_dir: str, manifest: dict, info: dict) -> None:
