@@ -9,7 +9,7 @@ import torch
 from train.checkpoint import (LOOP_STATE, capture_rng, complete_checkpoints, latest_checkpoint,
                               remove_partial_checkpoints, restore_rng, rotate_checkpoints)
 from train.data import WindowBatches, collate_windows, epoch_batches, eval_batches, steps_per_epoch
-from train.evaluation import pool_document_logits, softmax
+from train.evaluation import pool_documents, softmax
 from train.optim import lr_at_step, param_groups, warmup_steps_for
 from train.throughput import mfu, training_flops_per_token
 
@@ -138,13 +138,13 @@ def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
     assert all(not (names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)]) for p in decay["params"])
 
 
-def test_pool_document_logits_mean_and_max():
+def test_pool_documents_mean_and_max():
     logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]))
     docs = np.array([5, 5, 2, 5])
-    ids, mean = pool_document_logits(logits, docs, "mean")
+    ids, mean = pool_documents(softmax(logits), docs, "single_label", "mean")
     assert ids.tolist() == [2, 5]
     assert np.allclose(mean[0], [0.6, 0.4]) and np.allclose(mean[1], [(0.9 + 0.2 + 0.3) / 3, (0.1 + 0.8 + 0.7) / 3])
-    _, mx = pool_document_logits(logits, docs, "max")
+    _, mx = pool_documents(softmax(logits), docs, "single_label", "max")
     assert np.allclose(mx[1], np.array([0.9, 0.8]) / 1.7)
     assert np.allclose(softmax(logits).sum(1), 1)
 
