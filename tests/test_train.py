@@ -574,3 +574,20 @@ def test_relaunching_a_finished_run_trains_nothing(tmp_path, reference):
     after = (best.read_bytes(), sorted(p.name for p in (out / "checkpoints").iterdir()),
              (out / "run_status.json").read_text(), (out / "logs" / "history.jsonl").read_text())
     assert after == before  # not one more step, not a new best/, not a rewritten status
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accelerate_config", ["cpu.yaml", pytest.param("zero3.yaml", marks=pytest.mark.deepspeed)])
+def test_evaluation_with_fewer_batches_than_ranks_does_not_hang(tmp_path, tiny_model, prepared, accelerate_config):
+    """One eval batch for two ranks: rank 1 has no window to score, yet the wrapped model's forward is a
+    collective (DDP's buffer sync after training, ZeRO-3's parameter gathers). It used to wait for rank 1 until
+    dist_timeout_s; now rank 1 runs a filler batch whose output is dropped."""
+    data, manifest = prepared
+    out = tmp_path / "out"
+    cfg = base_config(tiny_model, data, out, epochs=1, eval_batch_size=10_000, save_every_steps=0, dist_timeout_s=60,
+                      report_to="none")
+    rc, log = launch_run(tmp_path, "one-eval-batch", cfg, accelerate_config=accelerate_config, timeout=400)
+    assert rc == 0, tail(log)
+    assert_two_ranks(log)
+    evals = eval_records(out)
+    assert evals and evals[-1]["eval"]["num_windows"] == manifest["splits"]["validation"]["windows"]

@@ -62,10 +62,14 @@ def test_ranks_of_one_step_get_similar_lengths():
     assert np.median(diffs) < 20  # no rank waits long for a peer with much longer windows
 
 
-def test_eval_batches_cover_each_window_exactly_once():
-    lens = lengths(103)
-    got = sorted(i for r in range(2) for b in eval_batches(lens, 5, 2, r) for i in b)
-    assert got == list(range(103))
+def test_eval_batches_cover_each_window_exactly_once_and_every_rank_runs_as_many_batches():
+    for n, batch_size, world in ((103, 5, 2), (7, 32, 2), (3, 1, 4), (40, 10, 4)):
+        lens = lengths(n)
+        per_rank = [eval_batches(lens, batch_size, world, r) for r in range(world)]
+        assert len({len(batches) for batches, _ in per_rank}) == 1  # the same number of forward passes
+        real = sorted(i for batches, kept in per_rank for b in batches[:kept] for i in b)
+        assert real == list(range(n))  # the batches whose outputs count hold every window exactly once
+        assert all(len(b) == 1 for batches, kept in per_rank for b in batches[kept:])  # fillers are one window
 
 
 def test_collate_pads_dynamically():

@@ -325,9 +325,13 @@ def make_loader(dataset: WindowBatches, batches: list[list[int]], num_workers: i
                                        generator=torch.Generator().manual_seed(0))
 
 
-def eval_batches(lengths: np.ndarray, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
-    """Evaluation: windows sorted by length (least padding), batch k to rank k % world. Ranks may get one
-    batch more or less; every window is evaluated exactly once (results are gathered, not padded)."""
+def eval_batches(lengths: np.ndarray, batch_size: int, world_size: int, rank: int) -> tuple[list[list[int]], int]:
+    """Evaluation: windows sorted by length (least padding), batch k to rank k % world; every window is evaluated
+    exactly once (results are gathered, not padded). Returns (this rank's batches, how many of them are real):
+    a rank with one batch fewer than the others (or none, when there are fewer batches than ranks) gets filler
+    batches of one window at the end, whose outputs are dropped, so every rank runs as many forward passes."""
     order = np.argsort(-lengths, kind="stable")
     batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-    return batches[rank::world_size]
+    mine = batches[rank::world_size]
+    per_rank = -(-len(batches) // world_size)
+    return mine + [order[:1].tolist()] * (per_rank - len(mine)), len(mine)

@@ -320,8 +320,12 @@ def gather_exactly_once(accelerator, tensors: dict[str, torch.Tensor]) -> dict[s
 @torch.no_grad()
 def run_evaluation(accelerator, model, loader, label_names: list[str], problem_type, pooling=None,
                    expected_windows: int | None = None, thresholds=None,
-                   output_scale: tuple[float, float] | None = None):
+                   output_scale: tuple[float, float] | None = None, real_batches: int | None = None):
     """Every window's outputs from all ranks exactly once, then :func:`score`. Returns (metrics, extras).
+
+    real_batches: only the loader's first real_batches batches count; the rest are fillers that give every rank
+    the same number of forward passes (a wrapped model's forward can be a collective: DDP syncs buffers on the
+    first one after training, ZeRO-3 gathers parameters on each), so no rank waits for a peer that is done.
 
     Window token counts (regression pooling) come from ``batch["real_lengths"]``, else the attention mask.
     ``output_scale = (mean, std)`` de-standardises regression outputs (value = logit * std + mean) before
@@ -334,8 +338,10 @@ def run_evaluation(accelerator, model, loader, label_names: list[str], problem_t
         raise TypeError("run_evaluation needs expected_windows")
     model.eval()
     logits, labels, docs, rows, tokens = [], [], [], [], []
-    for batch in loader:
+    for i, batch in enumerate(loader):
         out = model(**model_inputs(batch, accelerator.device))
+        if real_batches is not None and i >= real_batches:
+            continue
         logits.append(out.logits.float())
         labels.append(batch["labels"])
         docs.append(batch["doc_ids"])

@@ -468,11 +468,11 @@ def evaluate_and_select(accelerator, cfg, model, tokenizer, eval_windows, eval_b
                         state, info, out) -> bool:
     """Evaluate, log, export on improvement; returns True when early stopping says stop (same on all ranks)."""
     lengths = np.asarray(eval_windows.ds["length"])
-    batches = eval_batches(lengths, eval_bs, accelerator.num_processes, accelerator.process_index)
+    batches, real = eval_batches(lengths, eval_bs, accelerator.num_processes, accelerator.process_index)
     loader = make_loader(eval_windows, batches, cfg.num_workers, pin_memory=False)
     fixed = [cfg.threshold] * len(label_names) if problem_type == "multi_label" and cfg.threshold != "tune" else None
     metrics, extras = run_evaluation(accelerator, model, loader, label_names, problem_type, cfg.pooling, len(lengths),
-                                     thresholds=fixed, output_scale=scale)
+                                     thresholds=fixed, output_scale=scale, real_batches=real)
     thresholds = fixed
     if cfg.threshold == "tune":  # per label, the best-F1 threshold on these documents; the export keeps them
         thresholds = tune_thresholds(extras["doc_outputs"], extras["doc_labels"])
