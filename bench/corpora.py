@@ -4,6 +4,7 @@
     python -m bench.corpora path rotten-tomatoes     # CSV: category (fresh/rotten/plot), text, movie_name
     python -m bench.corpora lee-pairs OUT.csv        # gensim's Lee corpus as labeled document pairs
     python -m bench.corpora lee-regression OUT.csv   # every Lee pair inside a document split, human similarity
+    python -m bench.corpora lee-regression OUT.csv --symmetric-train   # the same, training pairs also as (b, a)
     python -m bench.corpora bbc-multi-label OUT.jsonl   # 1-3 BBC articles of different topics per document
     python -m bench.corpora rt-imbalanced OUT.csv    # Rotten Tomatoes fresh/rotten sampled 9:1
     python -m bench.corpora long-article DATA SPLIT OUT.txt   # the longest document of a prepared BBC split
@@ -73,13 +74,17 @@ def write_lee_pairs(out: str | Path, blocks: int = 5, seed: int = 0, threshold: 
 LEE_SPLIT_DOCS = (("train", 26), ("validation", 8), ("test", 16))
 
 
-def write_lee_regression(out: str | Path, seed: int = 0, split_docs=LEE_SPLIT_DOCS) -> Path:
+def write_lee_regression(out: str | Path, seed: int = 0, split_docs=LEE_SPLIT_DOCS,
+                         symmetric_train: bool = False) -> Path:
     """Every pair of two different Lee documents of the same split, with their mean human similarity (0.2-1.0)
     as the regression target (column ``similarity``) and the split as a column (``split``).
 
     The 50 documents, not the pairs, are dealt into the splits (seeded; 26/8/16 documents -> 325/28/120 pairs):
     no test document appears in any training or validation pair. Pairs across splits are not written. Columns:
-    id, text_a, text_b, similarity, split, doc_a, doc_b (document numbers in lee.cor, 0-based)."""
+    id, text_a, text_b, similarity, split, doc_a, doc_b (document numbers in lee.cor, 0-based).
+
+    symmetric_train: each training pair is also written swapped, (b, a), id lee<j>-<i> (650 training rows);
+    validation and test pairs are written once, as without it, and the document split is the same."""
     docs, sims = lee_documents()
     if sum(n for _, n in split_docs) != len(docs):
         raise ValueError(f"split_docs must deal out all {len(docs)} documents, got {split_docs}")
@@ -97,6 +102,8 @@ def write_lee_regression(out: str | Path, seed: int = 0, split_docs=LEE_SPLIT_DO
             for j in range(i + 1, len(docs)):
                 if split_of[i] == split_of[j]:
                     w.writerow([f"lee{i:02d}-{j:02d}", docs[i], docs[j], f"{sims[i, j]:.4f}", split_of[i], i, j])
+                    if symmetric_train and split_of[i] == "train":
+                        w.writerow([f"lee{j:02d}-{i:02d}", docs[j], docs[i], f"{sims[i, j]:.4f}", "train", j, i])
     return out
 
 
@@ -204,6 +211,8 @@ def main(argv: list[str]) -> int:
         print(write_lee_pairs(argv[1]))
     elif len(argv) == 2 and argv[0] in BUILDERS:
         print(BUILDERS[argv[0]](argv[1]))
+    elif len(argv) == 3 and argv[0] == "lee-regression" and argv[2] == "--symmetric-train":
+        print(write_lee_regression(argv[1], symmetric_train=True))
     elif len(argv) == 4 and argv[0] == "long-article":
         doc = longest_document(argv[1], argv[2])
         src = bbc_dir() / doc

@@ -398,6 +398,19 @@ def tasks_section(res: dict) -> str:
             out.append(f"| reference, not bertfit: cosine of MiniLM's own mean-pooled embeddings, no training | "
                        f"{f4(z['doc_pearson'])} | {f4(z['doc_spearman'])} | - | - | - | - |")
         out += verdict("Test Pearson", m, b, "doc_pearson", "bertfit", "TF-IDF features + ridge")
+        tried = e.get("recipes_tried")
+        if tried:
+            out += ["", "Other recipes tried for the bertfit side (run by hand with the same commands and overrides "
+                    "on the same document split, each row one seed-42 run; chosen epoch by validation doc_pearson "
+                    "only, the test split read once per run; the commands are in docs/results/real_tasks.json under "
+                    "experiments.regression.recipes_tried):", "",
+                    "| recipe | best validation Pearson (step chosen) | test Pearson | test Spearman | training time "
+                    "| steps |", "| --- | --- | --- | --- | --- | --- |"]
+            for r in tried:
+                out.append(f"| {r['recipe']} | {f4(r['validation_pearson'])} (step {r['best_step']}) | "
+                           f"{f4(r['doc_pearson'])} | {f4(r['doc_spearman'])} | {secs(r)} | {r['steps']} |")
+            if e.get("recipes_note"):
+                out += ["", e["recipes_note"]]
     if "multi_label" in exp:
         e = exp["multi_label"]
         s, b, m, m05 = e["splits"], e["baseline"], e.get("bertfit"), e.get("bertfit_threshold_05")
@@ -497,7 +510,9 @@ def run_tasks(which: list[str], env: dict, baselines_only: bool, write_docs: boo
             # the model runs stay as they were (same deterministic data and split); the baselines are refreshed
             experiments[name] = {**kept, **result, "baselines_rerun": f"{today()}, commit {git_rev()}"}
         else:
-            experiments[name] = {**result, "commands": list(COMMANDS), "wall_s": time.perf_counter() - t0,
+            # hand-run recipe comparisons recorded next to an experiment stay until they are removed by hand
+            extra = {k: kept[k] for k in ("recipes_tried", "recipes_note") if kept and k in kept}
+            experiments[name] = {**result, **extra, "commands": list(COMMANDS), "wall_s": time.perf_counter() - t0,
                                  "load1_start": load["load1_start"], "other_cores_mean": load["other_mean"],
                                  "date": today(), "commit": git_rev()}
         print(json.dumps({name: {k: v for k, v in result.items() if k != "splits"}}, indent=1, default=str),
