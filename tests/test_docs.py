@@ -36,3 +36,32 @@ def test_readme_documents_every_data_prep_option():
 def test_readme_names_existing_files():
     for path in set(re.findall(r"\b((?:accelerate_configs|slurm|train/configs|docs)/[\w./-]+\.\w+)", README)):
         assert (ROOT / path).exists(), path
+
+
+def test_pyproject_lower_bounds_are_the_checked_minimums():
+    """pyproject.toml states the bounds train/versions.py checks at start-up (found by running the tests
+    against older releases): the two lists cannot drift apart."""
+    import tomllib
+
+    from train.versions import MINIMUM
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    bounds = {}
+    for dep in deps:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?>=([0-9][0-9.]*)", dep.split(";")[0].strip())
+        assert m, f"not a plain lower bound: {dep}"
+        bounds[m.group(1).lower()] = m.group(2)
+    for name, minimum in MINIMUM.items():
+        assert bounds.get(name) == minimum, (name, bounds.get(name), minimum)
+
+
+def test_an_outdated_dependency_is_named_in_one_line(monkeypatch):
+    import train.versions as versions
+
+    real = versions.version
+    monkeypatch.setattr(versions, "version", lambda name: "4.40.0" if name == "transformers" else real(name))
+    problem = versions.version_problem()
+    assert problem == ("outdated packages: transformers 4.40.0 (needs >= 5.0); upgrade them "
+                       "(pip install -U transformers)")
+    monkeypatch.setattr(versions, "version", real)
+    assert versions.version_problem() is None  # this environment itself is new enough

@@ -11,17 +11,15 @@ from pathlib import Path
 import torch
 import yaml
 
+from train.evaluation import PROBLEM_TYPES, allowed_poolings
+
 EXPORT_INFO = "bertfit.json"
 
 
 # bertfit's problem types and the names transformers uses for them in config.json: ``pipeline`` picks
 # softmax / sigmoid / identity from ``config.problem_type``.
-PROBLEM_TYPES = ("single_label", "multi_label", "regression")
 HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                     "regression": "regression"}
-# Document pooling an export may record, per problem type (train.evaluation.allowed_poolings computes them).
-EXPORT_POOLINGS = {"single_label": ("mean", "max", "max_positive"), "multi_label": ("max", "mean"),
-                   "regression": ("mean",)}
 REGRESSION_OUTPUT = "value"  # the single output's name in config.json's id2label
 
 
@@ -199,7 +197,7 @@ def read_export_info(model_dir: str | Path) -> dict:
             raise ValueError(f"{EXPORT_INFO}: missing key 'chunking.{key}'")
         if not _is_int(value) or value < 1:
             raise ValueError(f"{EXPORT_INFO}: 'chunking.{key}' must be a positive integer, got {json.dumps(value)}")
-    choices = {"pooling": EXPORT_POOLINGS[problem_type], "task": ("single", "pair")}
+    choices = {"pooling": allowed_poolings(problem_type), "task": ("single", "pair")}
     for key, allowed in choices.items():
         if info.get(key) is not None and info[key] not in allowed:  # null: the problem type's default
             what = f" for a {problem_type} model" if key == "pooling" and problem_type != "single_label" else ""

@@ -14,6 +14,7 @@ from train.data import collate_windows
 from train.evaluation import allowed_poolings, default_pooling
 from train.export import EXPORT_INFO, HF_PROBLEM_TYPES, read_export_info, read_json_object
 from train.last_layer import cls_only_last_layer
+from train.versions import version_problem
 
 
 _PROBLEM_TYPE_OF_HF = {hf: ours for ours, hf in HF_PROBLEM_TYPES.items()}
@@ -130,6 +131,8 @@ def load_export(model_dir: str | Path, device: str | None = None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if problem := version_problem():
+        raise InferenceError(problem)
     torch_device = resolve_device(device)  # before the (slower) load, and names --device rather than the model
     path = Path(model_dir)
     if not path.is_dir():

@@ -35,12 +35,13 @@ from train.data import (WindowBatches, check_split_contract, epoch_batches, eval
                         make_loader, model_inputs, steps_per_epoch)
 from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint
 from train.evaluation import confusion_matrix_image, rescore, run_evaluation, tune_thresholds
-from train.export import export_model
+from train.export import HF_PROBLEM_TYPES, export_model
 from train.last_layer import cls_only_last_layer
-from train.losses import HF_PROBLEM_TYPES, make_loss, problem_type_of, target_scale
+from train.losses import make_loss, problem_type_of, target_scale
 from train.malloc import keep_freed_memory
 from train.optim import lr_at_step, make_optimizer, set_lr, warmup_steps_for
 from train.throughput import mfu, model_flops_per_token
+from train.versions import version_problem
 
 
 def train(cfg: TrainConfig) -> int:
@@ -602,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output_dir = None
     try:
+        if problem := version_problem():
+            raise ConfigError(problem)
         cfg = parse_config(argv)
         output_dir = cfg.output_dir
         return train(cfg)

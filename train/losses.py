@@ -13,10 +13,6 @@ import torch.nn.functional as F
 
 from train.config import ConfigError
 
-HF_PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
-                    "regression": "regression"}
-
-
 def problem_type_of(manifest: dict) -> str:
     """Data prepared before problem types existed is single-label."""
     return manifest.get("problem_type", "single_label")
