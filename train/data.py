@@ -19,6 +19,11 @@ from data_prep.errors import DataPrepError
 MEGA_BATCH_STEPS = 50
 
 
+def arrow_table(ds):
+    """The pyarrow Table under a ``datasets.Dataset`` (memory-mapped; no copy)."""
+    return ds.data.table if hasattr(ds.data, "table") else ds.data
+
+
 def load_split(data_dir: str | Path, split: str, manifest: dict):
     """The windows of one split as a ``datasets.Dataset`` (memory-mapped Arrow, not loaded into RAM)."""
     import datasets
@@ -49,7 +54,7 @@ def check_split_contract(data_dir: str | Path, split: str, ds, manifest: dict, v
     where = Path(data_dir) / split
     if ds.num_rows == 0:
         return
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    table = arrow_table(ds)
     check_labels(where, table, manifest)
     values = pc.list_flatten(table.column("input_ids"))
     tokens = pc.min_max(values)
@@ -111,7 +116,7 @@ def label_array_of(column) -> np.ndarray:
 
 
 def label_array(ds) -> np.ndarray:
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    table = arrow_table(ds)
     return label_array_of(table.column("label"))
 
 
@@ -221,7 +226,7 @@ class _ArrowColumns:
         try:
             if getattr(ds, "_indices", None) is not None or ds.num_rows == 0:
                 return None
-            table = ds.data.table if hasattr(ds.data, "table") else ds.data
+            table = arrow_table(ds)
             if not isinstance(table, pa.Table):
                 return None
             per_column, lists = {}, set()
