@@ -37,14 +37,17 @@ def write_config(path: Path, **fields) -> Path:
 
 
 def train_command(config: Path, nproc: int = 2, accelerate_config: str | None = "cpu.yaml", overrides=(),
-                  module: str = "train", extra_launch=()) -> list[str]:
+                  module: str = "train", extra_launch=(), script: Path | None = None) -> list[str]:
+    """The trainer's command line; ``script``: a hook file that patches something and then calls train.loop.main,
+    run in place of ``-m module``."""
+    target = [str(script)] if script is not None else ["-m", module]
     if nproc == 1 and accelerate_config is None:
-        return [sys.executable, "-m", module, "--config", str(config), *map(str, overrides)]
+        return [sys.executable, *target, "--config", str(config), *map(str, overrides)]
     cmd = [str(VENV_BIN / "accelerate"), "launch"]
     if accelerate_config:
         cmd += ["--config_file", str(ACCELERATE_CONFIGS / accelerate_config)]
     cmd += ["--num_processes", str(nproc), *map(str, extra_launch)]
-    return cmd + ["-m", module, "--config", str(config), *map(str, overrides)]
+    return cmd + [*target, "--config", str(config), *map(str, overrides)]
 
 
 def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
@@ -86,6 +89,14 @@ def trainer_processes(proc: subprocess.Popen) -> list[psutil.Process]:
         if "-m" in cmd and cmd[cmd.index("-m") + 1].startswith("train"):
             out.append(p)
     return out
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Wait until a hook script touches ``path``; fail if the trainer exits first or it takes too long."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, tail(log)
+        time.sleep(0.05)
 
 
 def tail(log: Path, n: int = 40) -> str:

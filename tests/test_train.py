@@ -8,16 +8,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from tests.launch import (ROOT, assert_no_worker_traceback, assert_two_ranks, eval_records, final_weights, kill_tree, ranks, run,
-                          start, tail, train_command, train_env, train_records, trainer_processes, wait_for_step,
-                          write_config)
+from tests.launch import (ROOT, assert_no_worker_traceback, assert_two_ranks, eval_records, final_weights, kill_tree,
+                          ranks, run, start, tail, train_command, train_env, train_records, trainer_processes,
+                          wait_for_file, wait_for_step, write_config)
 from train.checkpoint import complete_checkpoints, latest_checkpoint
 from train.data import steps_per_epoch
 
@@ -139,13 +138,8 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path, referen
         sys.exit(main())
     """))
     log = tmp_path / "run.log"
-    cmd = train_command(config)
-    cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(hook)]
-    proc = start(cmd, log, train_env(tmp_path))
-    deadline = time.time() + 240
-    while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, tail(log)
-        time.sleep(0.05)
+    proc = start(train_command(config, script=hook), log, train_env(tmp_path))
+    wait_for_file(marker, proc, log)
     kill_tree(proc)
     assert (out / "checkpoints" / ".step-10.tmp").is_dir()  # the half-written save is there ...
     assert latest_checkpoint(out).name == "step-5"  # ... but the newest complete checkpoint is the one before
@@ -343,10 +337,9 @@ def test_trackers_get_the_project_the_run_name_the_config_and_the_best_metrics(t
     cfg = base_config(tiny_model, data, out, epochs=1, report_to="wandb", tracker_project="bbc-experiments",
                       tracker_init_kwargs={"wandb": {"entity": "my-team", "tags": ["tiny"]}})
     config = write_config(tmp_path / "run.yaml", **cfg)
-    cmd = train_command(config, nproc=1, accelerate_config=None)
-    cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(hook)]
     log = tmp_path / "run.log"
-    assert run(cmd, log, train_env(tmp_path)) == 0, tail(log)
+    assert run(train_command(config, nproc=1, accelerate_config=None, script=hook), log, train_env(tmp_path)) == 0, \
+        tail(log)
     got = json.loads(record.read_text())
     assert got["project"] == "bbc-experiments"  # not "run"
     assert got["init_kwargs"] == {"name": "my-run", "entity": "my-team", "tags": ["tiny"]}
@@ -459,13 +452,8 @@ def test_second_launch_on_a_busy_output_dir_is_refused_and_the_first_run_is_unto
         train.loop.save_checkpoint = save
         sys.exit(train.loop.main())
     """))
-    cmd = train_command(config)
-    cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(hook)]
-    first = start(cmd, first_log, train_env(tmp_path))
-    deadline = time.time() + 240
-    while not saving.exists():
-        assert first.poll() is None and time.time() < deadline, tail(first_log)
-        time.sleep(0.05)
+    first = start(train_command(config, script=hook), first_log, train_env(tmp_path))
+    wait_for_file(saving, first, first_log)
     holder = [p.pid for p in psutil.Process(first.pid).children(recursive=True)]
     rc = run(train_command(config), second_log, train_env(tmp_path), timeout=240)
     go_on.touch()

@@ -12,14 +12,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.launch import (ROOT, assert_no_worker_traceback, assert_two_ranks, history, run, start, tail, train_command, train_env,
-                          train_records, wait_for_step, write_config)
+from tests.launch import (ROOT, assert_no_worker_traceback, assert_two_ranks, history, run, start, tail,
+                          train_command, train_env, train_records, wait_for_file, write_config)
 from tests.test_train import base_config
 from train.checkpoint import complete_checkpoints, latest_checkpoint
 from train.config import EXIT_CONFIG_ERROR, EXIT_NONFINITE, ConfigError, parse_config
@@ -30,9 +28,7 @@ pytestmark = pytest.mark.timeout(600)
 def single_run(tmp_path: Path, name: str, cfg: dict, script: Path | None = None, timeout: float = 300):
     """One `python -m train` process (or a hook script standing in for it); returns (rc, log text)."""
     config = write_config(tmp_path / f"{name}.yaml", **cfg)
-    cmd = train_command(config, nproc=1, accelerate_config=None)
-    if script is not None:
-        cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(script)]
+    cmd = train_command(config, nproc=1, accelerate_config=None, script=script)
     log = tmp_path / f"{name}.log"
     rc = run(cmd, log, train_env(tmp_path), timeout=timeout)
     return rc, log.read_text(errors="replace")
@@ -128,10 +124,8 @@ def test_nan_loss_on_one_rank_stops_both_ranks(tmp_path, tiny_model, prepared):
     cfg = base_config(tiny_model, data, out, epochs=1, eval_split=None, log_every_steps=3, save_every_steps=0)
     config = write_config(tmp_path / "run.yaml", **cfg)
     hook = nan_hook(tmp_path, "== 2 and __import__('os').environ['RANK'] == '1'")
-    cmd = train_command(config)
-    cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(hook)]
     log = tmp_path / "run.log"
-    rc = run(cmd, log, train_env(tmp_path))
+    rc = run(train_command(config, script=hook), log, train_env(tmp_path))
     text = log.read_text()
     assert rc != 0, text[-3000:]
     assert_two_ranks(log)
@@ -271,13 +265,8 @@ def test_disk_full_during_a_save_is_one_error_line_and_the_run_resumes_after(tmp
         train.loop.save_checkpoint = save
         sys.exit(train.loop.main())
     """))
-    cmd = train_command(config, nproc=1, accelerate_config=None)
-    cmd[cmd.index("-m"):cmd.index("-m") + 2] = [str(hook)]
-    proc = start(cmd, log, train_env(tmp_path))
-    deadline = time.time() + 240
-    while not (tmp_path / "at-8").exists():
-        assert proc.poll() is None and time.time() < deadline, tail(log)
-        time.sleep(0.05)
+    proc = start(train_command(config, nproc=1, accelerate_config=None, script=hook), log, train_env(tmp_path))
+    wait_for_file(tmp_path / "at-8", proc, log)
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"], capture_output=True)
     (tmp_path / "disk-full").touch()
     rc = proc.wait(timeout=240)
