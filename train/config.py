@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from train.speedups import SpeedupsConfig
+
 # Exit codes (documented in the README; the SLURM scripts rely on REQUEUE).
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
@@ -123,24 +125,13 @@ class TrainConfig:
     """Write train/loss, lr, grad_norm, tokens_per_s, padding_fraction every N optimizer steps."""
     num_workers: int = 0
     """DataLoader worker processes per training process (0 = load in the training process)."""
-    fast_cpu_dropout: bool = True
-    """On CPU, draw dropout masks 4 per random number instead of PyTorch's serial per-element sampler, and run
-    attention with dropout in cache-sized blocks (same p and scaling; see docs/benchmarks.md; fp32 only, bf16
-    autocast gets the unblocked math). No effect on GPU or in eval."""
-    cpu_kernels: bool = True
-    """Under fast_cpu_dropout, use the C++ kernels of train/csrc/cpu_dropout.cpp: attention with dropout fused
-    (~1.9x faster per layer than the Python blocks) and dropout masks drawn on all threads; compiled with the
-    machine's C++ compiler on first use (~30 s, cached under TORCH_EXTENSIONS_DIR). false, or where they cannot be
-    built (no compiler or ninja, not x86-64 with AVX2): the same computation in Python/PyTorch ops."""
-    cls_only_last_layer: bool = True
-    """Run the encoder's last layer for the first token ([CLS]) only, as the classifier reads nothing else: keys
-    and values of all tokens, the rest for one (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA; other models are left
-    as they are). Same logits and gradients up to float rounding, ~1/7 fewer FLOPs per step on a 6-layer model
-    (~1/14 on 12 layers); CPU and GPU, training, evaluation and predict. Saved models are unaffected."""
-    keep_freed_memory: bool = True
-    """On CPU, tell glibc's malloc to keep freed memory for reuse (allocations up to 32 MB from the heap, no heap
-    trimming) instead of handing activation buffers back to the kernel and faulting them in again every step
-    (see train/malloc.py). No effect on GPU or with another C library."""
+    speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)
+    """Speed switches, all applied in one place (train/speedups.py); each auto = what docs/benchmarks.md
+    measured fastest on the device. Every switch off = the stock model in a plain loop."""
+    max_tokens_per_batch: Optional[int] = None
+    """Cut training micro-batches by tokens instead of a fixed window count: as many windows as fit in this
+    many padded tokens (windows x the longest of them); must be >= the longest window. null =
+    per_device_batch_size windows per micro-batch."""
     trust_remote_code: bool = False
     """Allow model code from the model folder to run. Off: only architectures transformers ships."""
     peak_tflops: Optional[float] = None
@@ -248,6 +239,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
     need(cfg.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"peak_tflops must be > 0, got {cfg.peak_tflops}")
+    need(cfg.max_tokens_per_batch is None or cfg.max_tokens_per_batch >= 1,
+         f"max_tokens_per_batch must be >= 1 or null, got {cfg.max_tokens_per_batch}")
+    need(cfg.speedups.compile_bucket >= 1, f"speedups.compile_bucket must be >= 1, got {cfg.speedups.compile_bucket}")
     es = cfg.early_stopping
     need(es.patience is None or es.patience >= 1, f"early_stopping.patience must be >= 1 or null, got {es.patience}")
     need(es.min_delta >= 0, f"early_stopping.min_delta must be >= 0, got {es.min_delta}")

@@ -133,28 +133,34 @@ class EpochPlan:
     dropped_windows: int  # windows not in any batch this epoch (the ragged end; a different set each epoch)
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
-                  accumulation: int, length_grouping: bool = True) -> EpochPlan:
+def epoch_batches(lengths: np.ndarray, batch_size: int | None, world_size: int, rank: int, seed: int, epoch: int,
+                  accumulation: int, length_grouping: bool = True, max_tokens: int | None = None) -> EpochPlan:
     """This rank's micro-batches for one epoch.
 
     1. shuffle all windows with (seed, epoch);
-    2. if length grouping: sort by length inside mega-batches of MEGA_BATCH_STEPS x world x batch windows;
-    3. cut into micro-batches; consecutive micro-batches (similar lengths) form one optimizer step across
-       all ranks: world_size x accumulation micro-batches; steps are then shuffled;
+    2. if length grouping: sort by length inside mega-batches of about MEGA_BATCH_STEPS x world micro-batches;
+    3. cut into micro-batches: ``batch_size`` windows each, or (``max_tokens``) as many windows as fit in
+       max_tokens padded tokens (windows x longest window); consecutive micro-batches (similar lengths) form one
+       optimizer step across all ranks: world_size x accumulation micro-batches; steps are then shuffled;
     4. rank r takes micro-batches r, r + world, ... of each step; an incomplete last step is dropped so every
        rank runs the same number of steps (no rank waits at a collective for a peer that is done).
+    Everything is a pure function of the arguments: a resumed run recomputes the same plan.
     """
     n = len(lengths)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
+    per_batch = batch_size if max_tokens is None else max(1, max_tokens // max(1, int(np.mean(lengths)) if n else 1))
     if length_grouping:
-        mega = MEGA_BATCH_STEPS * batch_size * world_size
+        mega = MEGA_BATCH_STEPS * per_batch * world_size
         parts = []
         for start in range(0, n, mega):
             part = order[start:start + mega]
             parts.append(part[np.argsort(-lengths[part], kind="stable")])
         order = np.concatenate(parts) if parts else order
-    micro = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if max_tokens is None:
+        micro = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    else:
+        micro = token_budget_cuts(order, lengths, max_tokens)
     per_step = world_size * accumulation
     steps = len(micro) // per_step
     step_order = rng.permutation(steps)
@@ -166,8 +172,31 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, world_size: int, rank: i
     return EpochPlan([b.tolist() for b in mine], steps, n - used)
 
 
+def token_budget_cuts(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut ``order`` into consecutive micro-batches of at most ``max_tokens`` padded tokens (windows x the
+    longest of them); a window is never split (max_tokens >= the longest window is checked at start-up)."""
+    cuts, start, longest = [], 0, 0
+    for i, window in enumerate(order.tolist()):
+        longest_with = max(longest, int(lengths[window]))
+        if i > start and (i - start + 1) * longest_with > max_tokens:
+            cuts.append(order[start:i])
+            start, longest_with = i, int(lengths[window])
+        longest = longest_with
+    if start < len(order):
+        cuts.append(order[start:])
+    return cuts
+
+
 def steps_per_epoch(num_windows: int, batch_size: int, world_size: int, accumulation: int) -> int:
     return (-(-num_windows // batch_size)) // (world_size * accumulation)
+
+
+def epoch_steps(lengths: np.ndarray, batch_size: int | None, world_size: int, accumulation: int, seed: int,
+                epoch: int, length_grouping: bool, max_tokens: int | None) -> int:
+    """Optimizer steps of one epoch (with a token budget they vary a little from epoch to epoch)."""
+    if max_tokens is None:
+        return steps_per_epoch(len(lengths), batch_size, world_size, accumulation)
+    return epoch_batches(lengths, None, world_size, 0, seed, epoch, accumulation, length_grouping, max_tokens).steps
 
 
 class WindowBatches(torch.utils.data.Dataset):
@@ -181,10 +210,11 @@ class WindowBatches(torch.utils.data.Dataset):
     2.3 ms per step on the tiny-model benchmark, this path 0.3 ms: docs/benchmarks.md, "Loop fixes".)
     """
 
-    def __init__(self, ds, pad_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, ds, pad_id: int, pad_to_multiple_of: int | None = None, packed: bool = False):
         self.ds = ds
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packed = packed
         self.columns = [c for c in ("input_ids", "token_type_ids", "label", "doc_id", "chunk_index")
                         if c in ds.column_names]
         self._view = None  # the slow path's column view, made once
@@ -200,7 +230,7 @@ class WindowBatches(torch.utils.data.Dataset):
             if self._view is None:
                 self._view = self.ds.select_columns(self.columns)
             rows = self._view[indices]
-        return collate_windows(rows, indices, self.pad_id, self.pad_to_multiple_of)
+        return collate_windows(rows, indices, self.pad_id, self.pad_to_multiple_of, self.packed)
 
     def __getstate__(self):  # DataLoader workers (spawn) get the dataset and rebuild the views over its files
         return {**self.__dict__, "_arrow": None, "_view": None}
@@ -276,9 +306,17 @@ class _ArrowColumns:
         return rows
 
 
-def collate_windows(rows: dict, indices, pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+def collate_windows(rows: dict, indices, pad_id: int, pad_to_multiple_of: int | None = None,
+                    packed: bool = False) -> dict:
+    """One batch: padded ([windows, width], attention_mask) or packed (one row, train/packing.py), plus labels,
+    the windows' doc ids / chunk index / rows and real/padded token counts."""
     ids = rows["input_ids"]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    if packed:
+        from train.packing import pack_rows
+
+        batch = pack_rows(ids, rows.get("token_type_ids"), pad_id, pad_to_multiple_of)
+        return _batch_columns(batch, rows, indices, lengths, batch["input_ids"].shape[1])
     width = int(lengths.max())
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -287,18 +325,23 @@ def collate_windows(rows: dict, indices, pad_id: int, pad_to_multiple_of: int | 
     for i, x in enumerate(ids):
         input_ids[i, :len(x)] = x
         mask[i, :len(x)] = 1
-    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-             "labels": label_tensor(rows["label"]), "real_lengths": torch.from_numpy(lengths)}
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
     if "token_type_ids" in rows:
         types = np.zeros((len(ids), width), dtype=np.int64)
         for i, x in enumerate(rows["token_type_ids"]):
             types[i, :len(x)] = x
         batch["token_type_ids"] = torch.from_numpy(types)
+    return _batch_columns(batch, rows, indices, lengths, len(ids) * width)
+
+
+def _batch_columns(batch: dict, rows: dict, indices, lengths: np.ndarray, padded_tokens: int) -> dict:
+    batch["labels"] = label_tensor(rows["label"])
+    batch["real_lengths"] = torch.from_numpy(lengths)
     batch["doc_ids"] = torch.as_tensor(rows["doc_id"], dtype=torch.long)
     batch["chunk_index"] = torch.as_tensor(rows["chunk_index"], dtype=torch.long)
     batch["rows"] = torch.as_tensor(np.asarray(indices), dtype=torch.long)
     batch["real_tokens"] = int(lengths.sum())
-    batch["padded_tokens"] = len(ids) * width
+    batch["padded_tokens"] = padded_tokens
     return batch
 
 
@@ -313,11 +356,14 @@ def label_tensor(labels) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.long)
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# padded batches: input_ids, attention_mask, token_type_ids; packed ones (train/packing.py) add the rest
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cu_seqlens", "window_starts",
+                "max_seqlen")
 
 
 def model_inputs(batch: dict, device) -> dict:
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+    return {k: batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k]
+            for k in MODEL_INPUTS if k in batch}
 
 
 def make_loader(dataset: WindowBatches, batches: list[list[int]], num_workers: int, pin_memory: bool):

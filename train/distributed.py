@@ -112,3 +112,9 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
             raise ConfigError("the DeepSpeed config sets zero_optimization.stage3_gather_16bit_weights_on_model_save "
                               "to false; bertfit's best-model export needs it true under ZeRO-3")
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this run, or None without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None and is_deepspeed(accelerator) else None

@@ -10,10 +10,10 @@ import torch
 
 from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
 from data_prep.tokenizer import special_token_template, tokenizer_fingerprint
-from train.data import collate_windows
+from train.data import collate_windows, model_inputs
 from train.evaluation import allowed_poolings, default_pooling
 from train.export import EXPORT_INFO, HF_PROBLEM_TYPES, read_export_info, read_json_object
-from train.last_layer import cls_only_last_layer
+from train.speedups import SpeedupsConfig, apply_speedups
 from train.versions import version_problem
 
 
@@ -122,8 +122,9 @@ def _short(fingerprint: str) -> str:
     return fingerprint[:len("sha256:") + 12]
 
 
-def load_export(model_dir: str | Path, device: str | None = None):
-    """(model in eval mode, tokenizer, info) from an exported folder. info holds labels ([] for regression),
+def load_export(model_dir: str | Path, device: str | None = None, speedups: SpeedupsConfig | None = None):
+    """(model in eval mode, tokenizer, info) from an exported folder; ``speedups`` (default: all auto) are
+    applied through train/speedups.py as in training. info holds labels ([] for regression),
     problem_type, thresholds (multi_label: one per label, 0.5 when the export records none; else None), clean
     (a tuple of data_prep.clean steps), task, chunking, pooling and max_positions (the model's position
     embeddings: the longest window it can take)."""
@@ -187,7 +188,9 @@ def load_export(model_dir: str | Path, device: str | None = None):
         raise InferenceError(f"--model {model_dir}: {len(labels)} labels in {EXPORT_INFO}, but the classifier has "
                              f"{model.config.num_labels} outputs")
     model.to(torch_device).eval()
-    cls_only_last_layer(model)  # same logits, the last layer computed for the first token only
+    # the same switchboard as training (same logits); padded or packed batches as it says
+    speed = apply_speedups(model, speedups or SpeedupsConfig(), model.device, training=False)
+    model.bertfit_batch_layout = speed.batch_layout()
     thresholds = info.get("thresholds")
     if problem_type == "multi_label" and thresholds is None:
         thresholds = [0.5] * len(labels)  # the default decision threshold of training's metrics
@@ -270,7 +273,7 @@ def forward_windows(model, windows: list[list[int]], types: list[list[int]] | No
                 "chunk_index": [0] * len(idx)}
         if types is not None:
             rows["token_type_ids"] = [types[i] for i in idx]
-        batch = collate_windows(rows, idx, pad_id)
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        batch = collate_windows(rows, idx, pad_id, **getattr(model, "bertfit_batch_layout", {}))
+        inputs = model_inputs(batch, device)
         logits[idx] = model(**inputs).logits.float().cpu().numpy()
     return logits

@@ -30,16 +30,15 @@ from train.checkpoint import (LoopState, latest_usable_checkpoint, load_checkpoi
                               save_checkpoint, verify_checkpoint)
 from train.config import (EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig,
                           flat_hparams, parse_config, to_dict, tracker_init_kwargs)
-from train.cpu_dropout import use_fast_cpu_dropout
 from train.data import (WindowBatches, check_split_contract, epoch_batches, eval_batches, label_array, load_split,
-                        make_loader, model_inputs, steps_per_epoch)
-from train.distributed import configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint
+                        make_loader, model_inputs, epoch_steps)
+from train.distributed import (configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint,
+                               zero_stage)
 from train.evaluation import confusion_matrix_image, rescore, run_evaluation, tune_thresholds
 from train.export import HF_PROBLEM_TYPES, export_model
-from train.last_layer import cls_only_last_layer
 from train.losses import make_loss, problem_type_of, target_scale
-from train.malloc import keep_freed_memory
 from train.optim import lr_at_step, make_optimizer, set_lr, warmup_steps_for
+from train.speedups import SpeedupsError, apply_speedups
 from train.throughput import mfu, model_flops_per_token
 from train.versions import version_problem
 
@@ -83,12 +82,10 @@ def train(cfg: TrainConfig) -> int:
     train_ds = load_split(cfg.data, cfg.train_split, manifest)
     eval_ds = load_split(cfg.data, cfg.eval_split, manifest) if cfg.eval_split else None
     train_lengths = np.asarray(train_ds["length"])
-    spe = steps_per_epoch(len(train_lengths), cfg.per_device_batch_size, world, cfg.gradient_accumulation_steps)
-    if spe == 0:
-        raise ConfigError(f"split {cfg.train_split!r} has {len(train_lengths)} windows, fewer than one optimizer step "
-                          f"(per_device_batch_size x gradient_accumulation_steps x {world} processes)")
-    total_steps = cfg.max_steps if cfg.max_steps is not None else spe * cfg.epochs
-    epochs = math.ceil(total_steps / spe)  # max_steps overrides epochs
+    if cfg.max_tokens_per_batch is not None and len(train_lengths) and cfg.max_tokens_per_batch < train_lengths.max():
+        raise ConfigError(f"max_tokens_per_batch {cfg.max_tokens_per_batch} is smaller than the longest training "
+                          f"window ({train_lengths.max()} tokens); raise it or set it to null")
+    total_steps, epochs = schedule_length(cfg, train_lengths, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
     # ---------------------------------------------------------------------------------- model & optimizer
@@ -104,18 +101,18 @@ def train(cfg: TrainConfig) -> int:
     weighted = cfg.class_weights is not None or cfg.pos_weight is not None
     loss_fn = make_loss(problem_type, label_names, label_array(train_ds) if weighted else None, cfg.class_weights,
                         cfg.pos_weight, scale)
-    if cfg.fast_cpu_dropout and accelerator.device.type == "cpu":
-        use_fast_cpu_dropout(model, cfg.cpu_kernels)  # PyTorch's CPU dropout sampler is ~20% of a step
-    if cfg.cls_only_last_layer:
-        cls_only_last_layer(model)  # the classifier reads position 0 only: the last layer computes nothing else
-    if cfg.keep_freed_memory and accelerator.device.type == "cpu":
-        keep_freed_memory()  # glibc: no page faults for the same activation buffers every step
+    try:  # every speed switch, in one place (train/speedups.py)
+        speed = apply_speedups(model, cfg.speedups, accelerator.device, mixed_precision=accelerator.mixed_precision,
+                               zero_stage=zero_stage(accelerator))
+    except SpeedupsError as exc:
+        raise ConfigError(str(exc)) from None
+    if main:
+        print("\n".join([*speed.notices, speed.summary()]), flush=True)
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    pad_multiple = 8 if accelerator.device.type == "cuda" else None  # tensor-core friendly shapes on GPU
-    train_windows = WindowBatches(train_ds, tokenizer.pad_token_id, pad_multiple)
-    eval_windows = WindowBatches(eval_ds, tokenizer.pad_token_id, pad_multiple) if eval_ds is not None else None
+    train_windows = WindowBatches(train_ds, tokenizer.pad_token_id, **speed.batch_layout())
+    eval_windows = None if eval_ds is None else WindowBatches(eval_ds, tokenizer.pad_token_id, **speed.batch_layout())
     eval_bs = cfg.eval_batch_size or 2 * cfg.per_device_batch_size
 
     # ------------------------------------------------------------------------------------------- resume
@@ -166,10 +163,10 @@ def train(cfg: TrainConfig) -> int:
     # ----------------------------------------------------------------------------------------- the loop
     while state.epoch < epochs and state.global_step < total_steps and stop_reason is None:
         plan = epoch_batches(train_lengths, cfg.per_device_batch_size, world, rank, cfg.seed, state.epoch,
-                             cfg.gradient_accumulation_steps, cfg.length_grouping)
+                             cfg.gradient_accumulation_steps, cfg.length_grouping, cfg.max_tokens_per_batch)
         gas = cfg.gradient_accumulation_steps
         todo = plan.micro_batches[state.step_in_epoch * gas:]  # mid-epoch resume: skip the steps already taken
-        loader = iter(make_loader(train_windows, todo, cfg.num_workers, pin_memory=pad_multiple is not None))
+        loader = iter(make_loader(train_windows, todo, cfg.num_workers, pin_memory=accelerator.device.type == "cuda"))
         model.train()
         for _ in range(plan.steps - state.step_in_epoch):
             lr = lr_at_step(state.global_step + 1, total_steps, warmup, cfg.learning_rate)
@@ -247,6 +244,8 @@ def train(cfg: TrainConfig) -> int:
             export_model(accelerator, model, tokenizer, out / "best",
                          {**info, "step": state.global_step, "metrics": {}}, output_scale=scale)
     progress.close()
+    if main and (shapes := speed.compiled_shapes()):
+        print(shapes, flush=True)
     if main:
         log_best_metrics(accelerator, out, hparams, state.global_step)
     accelerator.end_training()
@@ -262,6 +261,26 @@ def train(cfg: TrainConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------ loop helpers
+def schedule_length(cfg: TrainConfig, lengths: np.ndarray, world: int) -> tuple[int, int]:
+    """(total optimizer steps, epochs): the steps of ``epochs`` epochs, or max_steps (which overrides epochs) and
+    as many epochs as it takes."""
+    def steps_of(epoch: int) -> int:
+        return epoch_steps(lengths, cfg.per_device_batch_size, world, cfg.gradient_accumulation_steps, cfg.seed,
+                           epoch, cfg.length_grouping, cfg.max_tokens_per_batch)
+
+    if steps_of(0) == 0:
+        raise ConfigError(f"split {cfg.train_split!r} has {len(lengths)} windows, fewer than one optimizer step "
+                          f"(per_device_batch_size or max_tokens_per_batch x gradient_accumulation_steps x {world} "
+                          "processes)")
+    if cfg.max_steps is None:
+        return sum(steps_of(e) for e in range(cfg.epochs)), cfg.epochs
+    total, epochs = 0, 0
+    while total < cfg.max_steps:
+        total += steps_of(epochs)
+        epochs += 1
+    return cfg.max_steps, epochs
+
+
 def load_model(model_path: str, label_names: list[str], problem_type: str, trust_remote_code: bool,
                max_length: int):
     from transformers import AutoModelForSequenceClassification
