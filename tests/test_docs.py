@@ -6,6 +6,7 @@ from pathlib import Path
 
 from data_prep.cli import build_parser
 from train.config import EarlyStoppingConfig, TrainConfig
+from train.speedups import SpeedupsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -24,6 +25,8 @@ def test_readme_documents_every_config_field():
         assert f"| `{f.name}` |" in README, f.name
     for f in dataclasses.fields(EarlyStoppingConfig):
         assert f.name in README, f.name
+    for f in dataclasses.fields(SpeedupsConfig):
+        assert f"| `speedups.{f.name}` |" in README, f.name
 
 
 def test_readme_documents_every_data_prep_option():

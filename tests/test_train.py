@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -395,12 +396,15 @@ def test_help_explains_every_field():
     import dataclasses
 
     from train.config import EarlyStoppingConfig, TrainConfig
+    from train.speedups import SpeedupsConfig
 
     text = " ".join(r.stdout.split())
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in text, f.name
-    for f in dataclasses.fields(EarlyStoppingConfig):
-        assert f"--early_stopping.{f.name}" in text, f.name
+    for prefix, nested in (("early_stopping", EarlyStoppingConfig), ("speedups", SpeedupsConfig)):
+        for f in dataclasses.fields(nested):
+            assert f"--{prefix}.{f.name}" in text, f.name
+    assert "padding-free batches" in text.lower()  # the speedups' own docs are shown too
     assert "Windows per forward pass on each process" in text  # field docs are shown, not just names
     assert "75" in text  # the requeue exit code is documented
 
@@ -579,3 +583,67 @@ def test_evaluation_with_fewer_batches_than_ranks_does_not_hang(tmp_path, tiny_m
     assert_two_ranks(log)
     evals = eval_records(out)
     assert evals and evals[-1]["eval"]["num_windows"] == manifest["splits"]["validation"]["windows"]
+
+
+# ------------------------------------------------------------------------------ speedups in real 2-process runs
+def _kill_and_resume(tmp_path, name: str, cfg: dict, kill_at: int, timeout: float = 600) -> tuple[Path, int]:
+    """Start a 2-process run, SIGKILL it once step ``kill_at`` is logged, relaunch it to the end; returns
+    (log, the step it resumed from)."""
+    out = Path(cfg["output_dir"])
+    config = write_config(tmp_path / f"{name}.yaml", **cfg)
+    log = tmp_path / f"{name}.log"
+    proc = start(train_command(config), log, train_env(tmp_path))
+    wait_for_step(out, kill_at, proc, timeout=timeout)
+    kill_tree(proc)
+    resume_from = latest_checkpoint(out)
+    assert resume_from is not None, tail(log)
+    rc = run(train_command(config), log, train_env(tmp_path), timeout=timeout)
+    assert rc == 0, tail(log)
+    assert f"resumed from {resume_from}" in log.read_text(), tail(log)
+    assert_two_ranks(log)
+    return log, int(resume_from.name.split("-")[1])
+
+
+def _assert_export_predicts(best: Path, data: Path) -> None:
+    from safetensors import safe_open
+
+    from train.inference import forward_windows, load_export
+
+    with safe_open(str(best / "model.safetensors"), "pt") as fh:
+        assert not [k for k in fh.keys() if "_orig_mod" in k]
+    model, tokenizer, _info = load_export(best, "cpu")
+    logits = forward_windows(model, [[2, 30, 40, 3], [2, 50, 3]], None, tokenizer.pad_token_id, 2)
+    assert logits.shape == (2, 2) and np.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_packed_token_budget_run_resumes_bit_identically_after_sigkill_and_exports(tmp_path, tiny_model, prepared):
+    """Packing + max_tokens_per_batch under 2 processes: an uninterrupted run, and a run SIGKILLed mid-epoch and
+    resumed, end with bit-identical weights and the same per-step losses."""
+    data, _ = prepared
+    over = dict(max_tokens_per_batch=72, speedups={"packing": True}, save_every_steps=4)
+    ref_cfg = base_config(tiny_model, data, tmp_path / "ref", **over)
+    rc, ref_log = launch_run(tmp_path, "ref", ref_cfg)
+    assert rc == 0, tail(ref_log)
+    assert_two_ranks(ref_log)
+    assert "packing (block-diagonal mask)" in ref_log.read_text()
+    steps = max(train_records(tmp_path / "ref"))
+    assert steps >= 10
+    log, resumed = _kill_and_resume(tmp_path, "killed", dict(ref_cfg, output_dir=str(tmp_path / "killed")),
+                                    kill_at=random.randint(5, steps - 2))
+    assert_same_run(tmp_path / "ref", tmp_path / "killed", resumed)
+    _assert_export_predicts(tmp_path / "killed" / "best", data)
+
+
+@pytest.mark.slow
+def test_compiled_two_process_run_trains_resumes_and_exports(tmp_path, tiny_model, prepared):
+    data, _ = prepared
+    cfg = base_config(tiny_model, data, tmp_path / "out", epochs=1, save_every_steps=4,
+                      speedups={"compile": True, "compile_bucket": 32})
+    log, resumed = _kill_and_resume(tmp_path, "compiled", cfg, kill_at=5)
+    text = log.read_text()
+    assert "compile (inductor, widths padded to x32)" in text
+    assert re.search(r"bertfit: compile: [1-9]\d* batch shapes met", text), tail(log)
+    records = train_records(tmp_path / "out")
+    assert resumed >= 4 and max(records) > resumed and all(np.isfinite(r["train/loss"]) for r in records.values())
+    _assert_export_predicts(tmp_path / "out" / "best", data)
