@@ -50,7 +50,7 @@ class SpeedupsConfig:
     compile or packing is on (they would break the compiled graph / do not take a block mask)."""
     keep_freed_memory: Union[bool, Auto] = "auto"
     """CPU + glibc: keep freed memory for reuse (no page faults for the same activation buffers every step).
-    auto = on on CPU."""
+    auto = on when training on CPU (never in evaluate/predict/the Python API: it is a process-wide setting)."""
 
 
 @dataclass
@@ -123,7 +123,7 @@ def apply_speedups(model, cfg: SpeedupsConfig, device, *, mixed_precision: str =
                             "break the compiled graph and take no block mask); set cpu_dropout: stock or auto")
     kernels_on = cpu and training and (cfg.cpu_dropout == "kernels" or (
         cfg.cpu_dropout == "auto" and not compile_on and not packing_on))
-    malloc_on = cpu and _on(cfg.keep_freed_memory, True)
+    malloc_on = cpu and training and _on(cfg.keep_freed_memory, True)  # a process setting: not in a host app
 
     # apply them, model first, then the process
     if kernels_on:
@@ -153,7 +153,8 @@ def apply_speedups(model, cfg: SpeedupsConfig, device, *, mixed_precision: str =
         result.packing = True
     if compile_on:
         track_shapes(model)
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # bucketed widths x batch sizes x train/eval: more shapes than dynamo's default limit of 8 recompiles
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         model.compile()  # in place: state_dict keys, checkpoints and exports stay as they are (no _orig_mod.)
         result.compiled_model = model
         result.pad_multiple = cfg.compile_bucket
