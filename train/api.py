@@ -24,7 +24,7 @@ from data_prep.clean import clean_text
 from data_prep.readers import is_missing
 from train.evaluation import pool_documents, window_outputs
 from train.inference import (InferenceError, check_pooling, check_positive, check_threshold, chunk_settings,
-                             decision_thresholds, forward_windows, load_export, prediction, window_documents)
+                             decision_thresholds, forward_documents, load_export, prediction, window_documents)
 
 ON_EMPTY = ("error", "skip", "predict")
 
@@ -67,6 +67,8 @@ class DocumentClassifier:
         self.settings = chunk_settings(tokenizer, info, chunk_size, stride, max_length)
         self.pooling = check_pooling(pooling, info) if pooling else check_pooling(
             info["pooling"], info, "bertfit.json pooling")
+        # a document-objective model pools in its document head, unless a window pooling is asked for
+        self.document_head = info.get("objective") == "document" and not pooling
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | None = None, *, batch_size: int = 32,
@@ -152,11 +154,15 @@ class DocumentClassifier:
         windows, types, doc_index = window_documents(
             self.tokenizer, [block[i][0] for i in kept], self.settings,
             [block[i][1] for i in kept] if self.pair_model else None)
-        logits = forward_windows(self.model, windows, types, self.tokenizer.pad_token_id, self.batch_size)
+        logits, doc_logits = forward_documents(self.model, windows, types, doc_index, self.tokenizer.pad_token_id,
+                                               self.batch_size)
         window_tokens = np.asarray([len(w) for w in windows])  # weights of regression's mean, as in training
         try:
-            _, pooled = pool_documents(window_outputs(logits, self.problem_type), doc_index, self.problem_type,
-                                       self.pooling, window_tokens)
+            if self.document_head:
+                pooled = window_outputs(doc_logits, self.problem_type)
+            else:
+                _, pooled = pool_documents(window_outputs(logits, self.problem_type), doc_index, self.problem_type,
+                                           self.pooling, window_tokens)
         except ValueError as exc:
             raise InferenceError(f"--pooling {self.pooling}: {exc}") from None
         counts = np.bincount(doc_index, minlength=len(kept))  # every document has at least one window

@@ -125,6 +125,18 @@ class TrainConfig:
     """Write train/loss, lr, grad_norm, tokens_per_s, padding_fraction every N optimizer steps."""
     num_workers: int = 0
     """DataLoader worker processes per training process (0 = load in the training process)."""
+    objective: Literal["window", "document"] = "window"
+    """window = every window is trained with its document's label, and evaluation pools the window outputs
+    (pooling); document = each micro-batch holds whole documents, their windows' first-token states are pooled
+    per document (doc_pooler) and the classifier reads the pooled vector: one loss per document; evaluate,
+    predict and the export use that document head (train/document.py)."""
+    doc_pooler: Literal["mean", "max", "attention"] = "mean"
+    """objective: document: how a document's window states become one vector: mean, max (per dimension), or
+    attention (a learned score per window, softmax-weighted mean; starts equal to mean)."""
+    train_windows_per_doc: Optional[int] = None
+    """objective: document: train on at most this many windows of a document per epoch (a random sample, new
+    each epoch, in reading order); null = all. Bounds the memory of one micro-batch; evaluation and prediction
+    always use every window."""
     speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)
     """Speed switches, all applied in one place (train/speedups.py); each auto = what docs/benchmarks.md
     measured fastest on the device. Every switch off = the stock model in a plain loop."""
@@ -241,6 +253,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"peak_tflops must be > 0, got {cfg.peak_tflops}")
     need(cfg.max_tokens_per_batch is None or cfg.max_tokens_per_batch >= 1,
          f"max_tokens_per_batch must be >= 1 or null, got {cfg.max_tokens_per_batch}")
+    need(cfg.train_windows_per_doc is None or cfg.train_windows_per_doc >= 1,
+         f"train_windows_per_doc must be >= 1 or null, got {cfg.train_windows_per_doc}")
     need(cfg.speedups.compile_bucket >= 1, f"speedups.compile_bucket must be >= 1, got {cfg.speedups.compile_bucket}")
     es = cfg.early_stopping
     need(es.patience is None or es.patience >= 1, f"early_stopping.patience must be >= 1 or null, got {es.patience}")

@@ -161,6 +161,12 @@ def epoch_batches(lengths: np.ndarray, batch_size: int | None, world_size: int, 
         micro = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     else:
         micro = token_budget_cuts(order, lengths, max_tokens)
+    return _deal_steps(micro, n, rng, world_size, rank, accumulation)
+
+
+def _deal_steps(micro: list[np.ndarray], n: int, rng, world_size: int, rank: int, accumulation: int) -> EpochPlan:
+    """Consecutive micro-batches form optimizer steps of world x accumulation; steps are shuffled; rank r takes
+    micro-batches r, r + world, ... of each; the incomplete last step is dropped (same steps on every rank)."""
     per_step = world_size * accumulation
     steps = len(micro) // per_step
     step_order = rng.permutation(steps)
@@ -170,6 +176,58 @@ def epoch_batches(lengths: np.ndarray, batch_size: int | None, world_size: int, 
         mine.extend(group[rank::world_size])
     used = sum(len(b) for b in micro[:steps * per_step])
     return EpochPlan([b.tolist() for b in mine], steps, n - used)
+
+
+def document_windows(doc_ids: np.ndarray, chunk_index: np.ndarray) -> list[np.ndarray]:
+    """Each document's window indices in reading order (chunk_index), documents in order of doc id."""
+    order = np.lexsort((chunk_index, doc_ids))
+    sorted_ids = doc_ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if len(order) else np.zeros(0, int)
+    return np.split(order, starts[1:]) if len(order) else []
+
+
+def document_epoch_batches(docs: list[np.ndarray], lengths: np.ndarray, batch_size: int | None, world_size: int,
+                           rank: int, seed: int, epoch: int, accumulation: int, length_grouping: bool = True,
+                           max_tokens: int | None = None, windows_per_doc: int | None = None) -> EpochPlan:
+    """This rank's micro-batches of whole documents for one epoch (the document objective).
+
+    Like ``epoch_batches`` with documents as the units: shuffle the documents with (seed, epoch); a document
+    with more than ``windows_per_doc`` windows keeps a sample of that many (drawn anew each epoch, kept in
+    reading order); with length grouping, documents of similar size are batched together; micro-batches take
+    whole documents while they fit ``batch_size`` windows or ``max_tokens`` padded tokens (a document that
+    alone exceeds it is a micro-batch of its own: cap it with windows_per_doc); then steps as in epoch_batches.
+    A document's windows are never split across micro-batches or ranks. ``dropped_windows`` counts windows of
+    documents not trained this epoch (the ragged end), not the ones left out by the cap."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(docs))
+    chosen = []
+    for d in range(len(docs)):  # the per-epoch sample, drawn in doc order: a pure function of (seed, epoch)
+        windows = docs[d]
+        if windows_per_doc is not None and len(windows) > windows_per_doc:
+            windows = windows[np.sort(rng.choice(len(windows), windows_per_doc, replace=False))]
+        chosen.append(windows)
+    cost = np.array([len(w) * (lengths[w].max() if max_tokens is not None else 1) for w in chosen])
+    if length_grouping and len(order):
+        mega = MEGA_BATCH_STEPS * world_size * max(1, (max_tokens or batch_size) // max(1, int(cost.mean())))
+        order = np.concatenate([part[np.argsort(-cost[part], kind="stable")]
+                                for part in np.array_split(order, max(1, -(-len(order) // mega)))])
+    micro, current, longest = [], [], 0
+    for d in order.tolist():
+        windows = chosen[d]
+        count = sum(len(w) for w in current) + len(windows)
+        if max_tokens is not None:
+            longest_with = max(longest, int(lengths[windows].max()))
+            fits = count * longest_with <= max_tokens
+        else:
+            longest_with, fits = 0, count <= batch_size
+        if current and not fits:
+            micro.append(np.concatenate(current))
+            current, longest_with = [], int(lengths[windows].max()) if max_tokens is not None else 0
+        current.append(windows)
+        longest = longest_with
+    if current:
+        micro.append(np.concatenate(current))
+    return _deal_steps(micro, sum(len(w) for w in chosen), rng, world_size, rank, accumulation)
 
 
 def token_budget_cuts(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -191,14 +249,6 @@ def steps_per_epoch(num_windows: int, batch_size: int, world_size: int, accumula
     return (-(-num_windows // batch_size)) // (world_size * accumulation)
 
 
-def epoch_steps(lengths: np.ndarray, batch_size: int | None, world_size: int, accumulation: int, seed: int,
-                epoch: int, length_grouping: bool, max_tokens: int | None) -> int:
-    """Optimizer steps of one epoch (with a token budget they vary a little from epoch to epoch)."""
-    if max_tokens is None:
-        return steps_per_epoch(len(lengths), batch_size, world_size, accumulation)
-    return epoch_batches(lengths, None, world_size, 0, seed, epoch, accumulation, length_grouping, max_tokens).steps
-
-
 class WindowBatches(torch.utils.data.Dataset):
     """Index with a list of window indices, get a padded batch: input_ids, attention_mask, (token_type_ids),
     labels, plus doc_ids/chunk_index/row for evaluation and real/padded token counts for throughput logging.
@@ -210,11 +260,13 @@ class WindowBatches(torch.utils.data.Dataset):
     2.3 ms per step on the tiny-model benchmark, this path 0.3 ms: docs/benchmarks.md, "Loop fixes".)
     """
 
-    def __init__(self, ds, pad_id: int, pad_to_multiple_of: int | None = None, packed: bool = False):
+    def __init__(self, ds, pad_id: int, pad_to_multiple_of: int | None = None, packed: bool = False,
+                 documents: bool = False):
         self.ds = ds
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.packed = packed
+        self.documents = documents  # batches of whole documents: labels per document, doc_index per window
         self.columns = [c for c in ("input_ids", "token_type_ids", "label", "doc_id", "chunk_index")
                         if c in ds.column_names]
         self._view = None  # the slow path's column view, made once
@@ -230,7 +282,8 @@ class WindowBatches(torch.utils.data.Dataset):
             if self._view is None:
                 self._view = self.ds.select_columns(self.columns)
             rows = self._view[indices]
-        return collate_windows(rows, indices, self.pad_id, self.pad_to_multiple_of, self.packed)
+        batch = collate_windows(rows, indices, self.pad_id, self.pad_to_multiple_of, self.packed)
+        return with_documents(batch) if self.documents else batch
 
     def __getstate__(self):  # DataLoader workers (spawn) get the dataset and rebuild the views over its files
         return {**self.__dict__, "_arrow": None, "_view": None}
@@ -345,6 +398,17 @@ def _batch_columns(batch: dict, rows: dict, indices, lengths: np.ndarray, padded
     return batch
 
 
+def with_documents(batch: dict) -> dict:
+    """A batch of whole documents (the document objective): ``doc_index`` (each window's document, 0..D-1 in
+    doc-id order), ``num_docs`` and ``labels`` per document (every window carries its document's label)."""
+    ids, first, inverse = np.unique(batch["doc_ids"].numpy(), return_index=True, return_inverse=True)
+    batch["window_labels"] = batch["labels"]
+    batch["labels"] = batch["labels"][torch.from_numpy(first)]
+    batch["doc_index"] = torch.from_numpy(inverse.reshape(-1))
+    batch["num_docs"] = len(ids)
+    return batch
+
+
 def label_tensor(labels) -> torch.Tensor:
     """Class ids -> LongTensor [B]; multi-hot rows -> FloatTensor [B, L]; regression targets -> FloatTensor [B]."""
     first = labels[0]
@@ -357,8 +421,9 @@ def label_tensor(labels) -> torch.Tensor:
 
 
 # padded batches: input_ids, attention_mask, token_type_ids; packed ones (train/packing.py) add the rest
+# (and batches of whole documents doc_index and num_docs, train/document.py)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cu_seqlens", "window_starts",
-                "max_seqlen")
+                "max_seqlen", "doc_index", "num_docs")
 
 
 def model_inputs(batch: dict, device) -> dict:

@@ -27,7 +27,7 @@ from train.data import load_split
 from train.evaluation import classification_report_text, confusion_matrix_image, score
 from train.export import EXPORT_INFO
 from train.inference import (TARGET_COLUMN, InferenceError, check_pooling, check_positive, check_threshold,
-                             csv_cell, decision_thresholds, forward_windows, load_export, prediction)
+                             csv_cell, decision_thresholds, forward_documents, load_export, prediction)
 from train.model_card import write_model_card
 
 
@@ -86,15 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_split(args.data, args.split, manifest)
         types = ds["token_type_ids"] if "token_type_ids" in ds.column_names else None
         input_ids = ds["input_ids"]
-        logits = forward_windows(model, input_ids, types, tokenizer.pad_token_id, args.batch_size)
+        doc_ids = np.asarray(ds["doc_id"])
+        logits, doc_logits = forward_documents(model, input_ids, types, doc_ids, tokenizer.pad_token_id,
+                                               args.batch_size)
+        if args.pooling:  # a window pooling asked for: not the document head of a document-objective model
+            doc_logits = None
         labels, doc_ids = label_array(ds["label"], problem_type), np.asarray(ds["doc_id"])
         window_tokens = (np.asarray(ds["length"]) if "length" in ds.column_names
                          else np.asarray([len(w) for w in input_ids]))  # regression's mean weights, as in training
         try:
             metrics, extras = score(logits, labels, doc_ids, problem_type, label_names, pooling, window_tokens,
-                                    thresholds)
+                                    thresholds, doc_logits=doc_logits)
         except ValueError as exc:  # e.g. a pooling the label count does not allow
             raise InferenceError(f"--pooling {pooling}: {exc}") from None
+        if doc_logits is not None:
+            pooling = f"document head ({info.get('doc_pooler')})"
         metrics = {"split": args.split, "problem_type": problem_type, "pooling": pooling, **metrics}
         if thresholds is not None:
             metrics["thresholds"] = dict(zip(label_names, thresholds))

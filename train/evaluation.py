@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from train.data import model_inputs
+from train.document import has_document_head, pool_and_classify
 from train.metrics import (
     PROBLEM_TYPES,
     check_problem_type,
@@ -197,8 +198,11 @@ def _multi_hot(labels: np.ndarray, num_labels: int) -> np.ndarray:
 
 def score(logits: np.ndarray, labels: np.ndarray, doc_ids: np.ndarray, problem_type, label_names=None,
           pooling: str | None = None, window_tokens: np.ndarray | None = None,
-          thresholds: list[float] | None = None):
+          thresholds: list[float] | None = None, doc_logits: np.ndarray | None = None):
     """Window and document metrics for raw model outputs (regression: already de-standardised).
+
+    ``doc_logits`` (a document-objective model, train/document.py): the documents' own logits, one row per
+    sorted unique doc id; they replace the pooling of window outputs.
 
     ``labels`` per window: class ids [N] (single_label), multi-hot [N, L] (multi_label), values [N]
     (regression). ``pooling`` None means :func:`default_pooling`. Returns (metrics, extras): metrics has the
@@ -223,12 +227,18 @@ def score(logits: np.ndarray, labels: np.ndarray, doc_ids: np.ndarray, problem_t
     labels = np.asarray(labels)
     if labels.shape[0] != outputs.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {outputs.shape[0]} windows")
-    ids, doc_outputs = pool_documents(outputs, doc_ids, problem_type, pooling, window_tokens)
+    if doc_logits is None:
+        ids, doc_outputs = pool_documents(outputs, doc_ids, problem_type, pooling, window_tokens)
+    else:
+        ids, doc_outputs = np.unique(doc_ids), window_outputs(doc_logits, problem_type)
+        if doc_outputs.shape[0] != ids.shape[0]:
+            raise ValueError(f"{doc_outputs.shape[0]} document logits for {ids.shape[0]} documents")
     order, starts = _document_groups(doc_ids)
     doc_labels = labels[order][starts]  # every window of a document carries the document's label(s)
     extras = {"doc_ids": ids, "doc_outputs": doc_outputs, "doc_labels": doc_labels, "confusion": None,
               "thresholds": None, "label_confusion": None,
-              "windows": {"logits": np.asarray(logits), "labels": labels, "doc_ids": doc_ids, "tokens": window_tokens}}
+              "windows": {"logits": np.asarray(logits), "labels": labels, "doc_ids": doc_ids, "tokens": window_tokens,
+                          "doc_logits": doc_logits}}
 
     if problem_type == "single_label":
         labels = labels.astype(np.int64)
@@ -271,7 +281,7 @@ def rescore(extras: dict, problem_type: str, label_names: list[str], pooling: st
     with thresholds tuned on its document outputs, without another forward pass. Returns (metrics, extras)."""
     windows = extras["windows"]
     return score(windows["logits"], windows["labels"], windows["doc_ids"], problem_type, label_names, pooling,
-                 window_tokens=windows["tokens"], thresholds=thresholds)
+                 window_tokens=windows["tokens"], thresholds=thresholds, doc_logits=windows.get("doc_logits"))
 
 
 def tune_thresholds(doc_probs: np.ndarray, doc_labels: np.ndarray) -> list[float]:
@@ -337,18 +347,21 @@ def run_evaluation(accelerator, model, loader, label_names: list[str], problem_t
     if expected_windows is None:
         raise TypeError("run_evaluation needs expected_windows")
     model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    document_model = has_document_head(unwrapped)  # gather window embeddings; the document head pools them
     logits, labels, docs, rows, tokens = [], [], [], [], []
     for i, batch in enumerate(loader):
-        out = model(**model_inputs(batch, accelerator.device))
+        out = model(**model_inputs(batch, accelerator.device), **({"embeddings_only": True} if document_model else {}))
         if real_batches is not None and i >= real_batches:
             continue
-        logits.append(out.logits.float())
+        logits.append(out.embeddings.float() if document_model else out.logits.float())
         labels.append(batch["labels"])
         docs.append(batch["doc_ids"])
         rows.append(batch["rows"])
         real = batch.get("real_lengths")
         tokens.append(real if real is not None else batch["attention_mask"].sum(dim=1))
-    num_outputs = 1 if problem_type == "regression" else len(label_names)
+    num_outputs = (unwrapped.config.hidden_size if document_model else
+                   1 if problem_type == "regression" else len(label_names))
     empty_labels = {"single_label": torch.zeros(0, dtype=torch.long),
                     "multi_label": torch.zeros(0, len(label_names)),
                     "regression": torch.zeros(0)}[problem_type]
@@ -360,17 +373,24 @@ def run_evaluation(accelerator, model, loader, label_names: list[str], problem_t
         "tokens": torch.cat(tokens).long() if tokens else torch.zeros(0, dtype=torch.long),
     }
     got = gather_exactly_once(accelerator, local)
-    model.train()
     # Every window exactly once: a duplicated or missing window would skew the metrics silently.
     if len(got["rows"]) != expected_windows or len(np.unique(got["rows"])) != expected_windows:
         raise RuntimeError(f"evaluation saw {len(got['rows'])} windows ({len(np.unique(got['rows']))} distinct), "
                            f"expected {expected_windows}")
+    doc_logits = None
+    if document_model:  # every rank runs the same head calls on the same gathered embeddings (ZeRO-3 gathers)
+        ids, doc_index = np.unique(got["docs"], return_inverse=True)
+        window_t, doc_t = pool_and_classify(unwrapped, torch.from_numpy(got["logits"]),
+                                            torch.from_numpy(doc_index.reshape(-1)), len(ids))
+        got["logits"], doc_logits = window_t.float().cpu().numpy(), doc_t.float().cpu().numpy().astype(np.float64)
+    model.train()
     window_logits = got["logits"].astype(np.float64)
     if problem_type == "regression" and output_scale is not None:
         mean, std = output_scale
         window_logits = window_logits * float(std) + float(mean)
+        doc_logits = None if doc_logits is None else doc_logits * float(std) + float(mean)
     return score(window_logits, got["labels"], got["docs"], problem_type, label_names, pooling,
-                 window_tokens=got["tokens"], thresholds=thresholds)
+                 window_tokens=got["tokens"], thresholds=thresholds, doc_logits=doc_logits)
 
 
 def classification_report_text(doc_outputs: np.ndarray, doc_labels: np.ndarray, problem_type: str,

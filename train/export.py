@@ -14,6 +14,7 @@ import yaml
 from train.evaluation import PROBLEM_TYPES, allowed_poolings
 
 EXPORT_INFO = "bertfit.json"
+DOCUMENT_HEAD = "document_head.safetensors"  # objective: document: the pooler's weights (config in bertfit.json)
 
 
 # bertfit's problem types and the names transformers uses for them in config.json: ``pipeline`` picks
@@ -41,7 +42,14 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, info: dict,
         if output_scale is not None:
             state_dict = fold_output_scale(unwrapped, state_dict, *output_scale)
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        state_dict, pooler = split_document_pooler(state_dict)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if info.get("objective") == "document":  # beside the encoder: pipeline() loads the folder as before
+            from safetensors.torch import save_file
+
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in pooler.items()}, str(tmp / DOCUMENT_HEAD),
+                      metadata={"doc_pooler": str(info.get("doc_pooler"))})
         _set_config_dtype(unwrapped, tmp, dtype)
         _set_config_task(tmp, info)
         tokenizer.save_pretrained(tmp)
@@ -62,6 +70,15 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path, info: dict,
     return out
 
 
+def split_document_pooler(state_dict: dict) -> tuple[dict, dict]:
+    """(the encoder + head's state, the document pooler's own parameters without their prefix)."""
+    from train.document import POOLER_ATTRIBUTE
+
+    prefix = POOLER_ATTRIBUTE + "."
+    pooler = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefix)}, pooler
+
+
 def output_layer_name(model) -> str:
     """The module name of the classification head's final Linear (``classifier`` for BERT/DistilBERT/DeBERTa/
     ModernBERT, ``classifier.out_proj`` for RoBERTa/XLM-R/ELECTRA): the last Linear outside the encoder whose
@@ -70,8 +87,8 @@ def output_layer_name(model) -> str:
     num_labels = model.config.num_labels
     found = None
     for name, module in model.named_modules():
-        if base and (name == base or name.startswith(base + ".")):
-            continue
+        if (base and (name == base or name.startswith(base + "."))) or name.startswith("bertfit_doc_pooler"):
+            continue  # the encoder; the document pooler's scorer (train/document.py) is not the output layer
         if isinstance(module, torch.nn.Linear) and module.out_features == num_labels:
             found = name
     if found is None:

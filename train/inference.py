@@ -11,8 +11,9 @@ import torch
 from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
 from data_prep.tokenizer import special_token_template, tokenizer_fingerprint
 from train.data import collate_windows, model_inputs
+from train.document import has_document_head, pool_and_classify
 from train.evaluation import allowed_poolings, default_pooling
-from train.export import EXPORT_INFO, HF_PROBLEM_TYPES, read_export_info, read_json_object
+from train.export import DOCUMENT_HEAD, EXPORT_INFO, HF_PROBLEM_TYPES, read_export_info, read_json_object
 from train.speedups import SpeedupsConfig, apply_speedups
 from train.versions import version_problem
 
@@ -187,6 +188,8 @@ def load_export(model_dir: str | Path, device: str | None = None, speedups: Spee
     if problem_type != "regression" and len(labels) != model.config.num_labels:
         raise InferenceError(f"--model {model_dir}: {len(labels)} labels in {EXPORT_INFO}, but the classifier has "
                              f"{model.config.num_labels} outputs")
+    if info.get("objective") == "document":
+        load_document_head(model, path, info, model_dir)
     model.to(torch_device).eval()
     # the same switchboard as training (same logits); padded or packed batches as it says
     speed = apply_speedups(model, speedups or SpeedupsConfig(), model.device, training=False)
@@ -199,6 +202,54 @@ def load_export(model_dir: str | Path, device: str | None = None, speedups: Spee
             "chunking": info.get("chunking"), "thresholds": thresholds, "clean": tuple(info.get("clean") or ()),
             "max_positions": getattr(model.config, "max_position_embeddings", None)}
     return model, tokenizer, info
+
+
+def load_document_head(model, path: Path, info: dict, model_dir) -> None:
+    """A document-objective export: its pooler (document_head.safetensors; safetensors only, nothing unpickled)."""
+    from train.document import POOLERS, attach_document_head
+
+    pooler = info.get("doc_pooler")
+    if pooler not in POOLERS:
+        raise InferenceError(f"--model {model_dir}: {EXPORT_INFO}: doc_pooler {pooler!r} is not one of "
+                             f"{', '.join(POOLERS)}")
+    try:
+        attach_document_head(model, pooler)
+    except ValueError as exc:
+        raise InferenceError(f"--model {model_dir}: {exc}") from None
+    head = path / DOCUMENT_HEAD
+    try:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(head))
+        model.bertfit_doc_pooler.load_state_dict(weights, strict=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InferenceError(f"--model {model_dir}: cannot load the document head {head.name}: "
+                             f"{first_line(exc)}") from None
+
+
+@torch.no_grad()
+def forward_documents(model, windows: list[list[int]], types: list[list[int]] | None, doc_index: np.ndarray,
+                      pad_id: int, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(window logits [windows, labels], document logits [documents, labels] or None). A document-objective
+    model encodes the windows batch by batch (across documents: bounded memory for any document length) and
+    its document head pools them; any other model gives None, its documents are pooled from window outputs."""
+    if not has_document_head(model):
+        return forward_windows(model, windows, types, pad_id, batch_size), None
+    device = next(model.parameters()).device
+    order = np.argsort([-len(w) for w in windows], kind="stable")
+    states = torch.zeros(len(windows), model.config.hidden_size)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = {"input_ids": [windows[i] for i in idx], "label": [0] * len(idx), "doc_id": [0] * len(idx),
+                "chunk_index": [0] * len(idx)}
+        if types is not None:
+            rows["token_type_ids"] = [types[i] for i in idx]
+        batch = collate_windows(rows, idx, pad_id, **getattr(model, "bertfit_batch_layout", {}))
+        out = model(**model_inputs(batch, device), embeddings_only=True)
+        states[torch.from_numpy(idx)] = out.embeddings.float().cpu()
+    ids, inverse = np.unique(np.asarray(doc_index), return_inverse=True)
+    window_logits, doc_logits = pool_and_classify(model, states, torch.from_numpy(inverse.reshape(-1)), len(ids))
+    return window_logits.float().cpu().numpy(), doc_logits.float().cpu().numpy()
 
 
 def chunk_settings(tokenizer, info: dict, chunk_size=None, stride=None, max_length=None) -> ChunkSettings:

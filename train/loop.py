@@ -30,8 +30,9 @@ from train.checkpoint import (LoopState, latest_usable_checkpoint, load_checkpoi
                               save_checkpoint, verify_checkpoint)
 from train.config import (EXIT_CONFIG_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, ConfigError, TrainConfig,
                           flat_hparams, parse_config, to_dict, tracker_init_kwargs)
-from train.data import (WindowBatches, check_split_contract, epoch_batches, eval_batches, label_array, load_split,
-                        make_loader, model_inputs, epoch_steps)
+from train.data import (EpochPlan, WindowBatches, check_split_contract, document_epoch_batches, document_windows,
+                        epoch_batches, eval_batches, label_array, load_split, make_loader, model_inputs)
+from train.document import attach_document_head
 from train.distributed import (configure_deepspeed, is_deepspeed, make_accelerator, single_process_zero_hint,
                                zero_stage)
 from train.evaluation import confusion_matrix_image, rescore, run_evaluation, tune_thresholds
@@ -85,13 +86,21 @@ def train(cfg: TrainConfig) -> int:
     if cfg.max_tokens_per_batch is not None and len(train_lengths) and cfg.max_tokens_per_batch < train_lengths.max():
         raise ConfigError(f"max_tokens_per_batch {cfg.max_tokens_per_batch} is smaller than the longest training "
                           f"window ({train_lengths.max()} tokens); raise it or set it to null")
-    total_steps, epochs = schedule_length(cfg, train_lengths, world)
+    # the document objective's units: each document's windows in reading order
+    train_docs = (document_windows(np.asarray(train_ds["doc_id"]), np.asarray(train_ds["chunk_index"]))
+                  if cfg.objective == "document" else None)
+    total_steps, epochs = schedule_length(cfg, train_lengths, train_docs, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
     # ---------------------------------------------------------------------------------- model & optimizer
     accelerator.wait_for_everyone()
     torch.manual_seed(cfg.seed)  # same classifier-head init on every rank
     model = load_model(model_path, label_names, problem_type, cfg.trust_remote_code, manifest["chunking"]["max_length"])
+    if cfg.objective == "document":
+        try:
+            attach_document_head(model, cfg.doc_pooler)  # pooler + document forward (train/document.py)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     vocab = model.get_input_embeddings().num_embeddings
     type_vocab = getattr(model.config, "type_vocab_size", None)
     for split, ds in ((cfg.train_split, train_ds), (cfg.eval_split, eval_ds)):
@@ -111,7 +120,8 @@ def train(cfg: TrainConfig) -> int:
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train_windows = WindowBatches(train_ds, tokenizer.pad_token_id, **speed.batch_layout())
+    train_windows = WindowBatches(train_ds, tokenizer.pad_token_id, **speed.batch_layout(),
+                                  documents=train_docs is not None)
     eval_windows = None if eval_ds is None else WindowBatches(eval_ds, tokenizer.pad_token_id, **speed.batch_layout())
     eval_bs = cfg.eval_batch_size or 2 * cfg.per_device_batch_size
 
@@ -147,7 +157,8 @@ def train(cfg: TrainConfig) -> int:
 
     flops_per_token = None
     info = {"labels": label_names, "chunking": manifest["chunking"], "task": manifest.get("task", "single"),
-            "problem_type": problem_type, "pooling": cfg.pooling, "thresholds": None,
+            "problem_type": problem_type, "pooling": cfg.pooling, "thresholds": None, "objective": cfg.objective,
+            "doc_pooler": cfg.doc_pooler if cfg.objective == "document" else None,
             "clean": manifest.get("clean", []), "target": manifest["splits"][cfg.train_split].get("target"),
             "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
             "data": str(Path(cfg.data).resolve()), "config": to_dict(cfg)}
@@ -162,8 +173,7 @@ def train(cfg: TrainConfig) -> int:
 
     # ----------------------------------------------------------------------------------------- the loop
     while state.epoch < epochs and state.global_step < total_steps and stop_reason is None:
-        plan = epoch_batches(train_lengths, cfg.per_device_batch_size, world, rank, cfg.seed, state.epoch,
-                             cfg.gradient_accumulation_steps, cfg.length_grouping, cfg.max_tokens_per_batch)
+        plan = epoch_plan(cfg, train_lengths, train_docs, world, rank, state.epoch)
         gas = cfg.gradient_accumulation_steps
         todo = plan.micro_batches[state.step_in_epoch * gas:]  # mid-epoch resume: skip the steps already taken
         loader = iter(make_loader(train_windows, todo, cfg.num_workers, pin_memory=accelerator.device.type == "cuda"))
@@ -261,12 +271,22 @@ def train(cfg: TrainConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------ loop helpers
-def schedule_length(cfg: TrainConfig, lengths: np.ndarray, world: int) -> tuple[int, int]:
-    """(total optimizer steps, epochs): the steps of ``epochs`` epochs, or max_steps (which overrides epochs) and
-    as many epochs as it takes."""
+def epoch_plan(cfg: TrainConfig, lengths: np.ndarray, docs: list | None, world: int, rank: int,
+               epoch: int) -> EpochPlan:
+    """This rank's micro-batches of an epoch: windows, or whole documents (objective: document)."""
+    if docs is not None:
+        return document_epoch_batches(docs, lengths, cfg.per_device_batch_size, world, rank, cfg.seed, epoch,
+                                      cfg.gradient_accumulation_steps, cfg.length_grouping,
+                                      cfg.max_tokens_per_batch, cfg.train_windows_per_doc)
+    return epoch_batches(lengths, cfg.per_device_batch_size, world, rank, cfg.seed, epoch,
+                         cfg.gradient_accumulation_steps, cfg.length_grouping, cfg.max_tokens_per_batch)
+
+
+def schedule_length(cfg: TrainConfig, lengths: np.ndarray, docs: list | None, world: int) -> tuple[int, int]:
+    """(total optimizer steps, epochs): the steps of ``epochs`` epochs (with a token budget or documents they
+    vary a little between epochs), or max_steps (which overrides epochs) and as many epochs as it takes."""
     def steps_of(epoch: int) -> int:
-        return epoch_steps(lengths, cfg.per_device_batch_size, world, cfg.gradient_accumulation_steps, cfg.seed,
-                           epoch, cfg.length_grouping, cfg.max_tokens_per_batch)
+        return epoch_plan(cfg, lengths, docs, world, 0, epoch).steps
 
     if steps_of(0) == 0:
         raise ConfigError(f"split {cfg.train_split!r} has {len(lengths)} windows, fewer than one optimizer step "

@@ -222,8 +222,15 @@ def pooling_section(problem_type: str, labels: list[str], info: dict) -> str:
     words = {"mean": "the mean of the windows' outputs", "max": "the maximum of the windows' outputs",
              "max_positive": "the window most confident in the positive class"}
     default = "the problem type's default" if pooling is None else None
-    lines = [f"- Pooling of the windows into one document: `{pooling or 'default'}` "
-             f"({default or words.get(pooling, pooling)})"]
+    if info.get("objective") == "document":  # train/document.py
+        lines = [f"- Trained with the document objective: the windows' first-token states are pooled by a "
+                 f"`{info.get('doc_pooler')}` document pooler (weights in `document_head.safetensors`) and the "
+                 "classifier reads the pooled vector; bertfit's predict, evaluate and Python API use it",
+                 "- `transformers.pipeline` loads the encoder and classifier without the document pooler: it "
+                 "classifies one window (the first) as if it were the whole document"]
+    else:
+        lines = [f"- Pooling of the windows into one document: `{pooling or 'default'}` "
+                 f"({default or words.get(pooling, pooling)})"]
     if problem_type == "multi_label":
         thresholds = info.get("thresholds")
         if thresholds:

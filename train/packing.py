@@ -13,7 +13,8 @@ BERT (--unpad) and transformers' ``DataCollatorWithFlattening`` + varlen FlashAt
   CUDA, torch's varlen FlashAttention kernel through transformers' attention interface (no mask at all), then
   applies the model's own classification head to each window's first token. Same parameters, same state_dict,
   same logits as the padded batch (tests/test_speedups.py checks logits, loss and every gradient).
-Architectures not in PACKED_HEADS (e.g. DeBERTa: relative positions over the whole row) are not packed.
+Architectures without a first-token head in train/heads.py (e.g. DeBERTa: relative positions over the whole row)
+are not packed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import types
 
 import numpy as np
 import torch
+
+from train.heads import first_token_head_problem, head_logits, position_offset
 
 VARLEN_ATTENTION = "bertfit_varlen"  # transformers attention-interface name of the varlen FlashAttention path
 
@@ -54,42 +57,11 @@ def pack_rows(ids: list, types_: list | None, pad_id: int, pad_to_multiple_of: i
     return batch
 
 
-# -------------------------------------------------------------------------------- per-architecture heads
-def _bert_head(model, first):  # BertPooler (dense + tanh of [CLS]), dropout, classifier
-    return model.classifier(model.dropout(model.bert.pooler(first[:, None])))
-
-
-def _first_token_head(model, first):  # RoBERTa / XLM-R / CamemBERT / ELECTRA heads read features[:, 0]
-    return model.classifier(first[:, None])
-
-
-def _distilbert_head(model, first):
-    return model.classifier(model.dropout(torch.nn.functional.relu(model.pre_classifier(first))))
-
-
-def _modernbert_head(model, first):
-    return model.classifier(model.drop(model.head(first)))
-
-
-# model_type -> (head on first-token states [B, H], offset of the first position id, encoder attribute)
-PACKED_HEADS = {
-    "bert": (_bert_head, 0), "distilbert": (_distilbert_head, 0), "modernbert": (_modernbert_head, 0),
-    "electra": (_first_token_head, 0), "roberta": (_first_token_head, None), "xlm-roberta": (_first_token_head, None),
-    "camembert": (_first_token_head, None),  # None: RoBERTa-style positions start at pad_token_id + 1
-}
-
-
 def packing_problem(model) -> str | None:
     """Why ``model`` cannot take packed batches, or None if it can."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in PACKED_HEADS:
-        return f"{model_type or type(model).__name__} is not one of the packable architectures " \
-               f"({', '.join(sorted(PACKED_HEADS))})"
-    if not type(model).__name__.endswith("ForSequenceClassification"):
-        return f"{type(model).__name__} is not a sequence classifier"
-    if model_type == "modernbert" and getattr(config, "classifier_pooling", "cls") != "cls":
-        return f"ModernBERT with classifier_pooling {config.classifier_pooling!r} (only cls is packed)"
+    if problem := first_token_head_problem(model):
+        return problem
     if getattr(config, "is_decoder", False):
         return "a decoder model"
     return None
@@ -167,13 +139,28 @@ def use_varlen_attention(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the forward
+def packed_first_token_states(model, input_ids, position_ids, cu_seqlens, window_starts, max_seqlen,
+                              token_type_ids=None) -> torch.Tensor:
+    """The encoder over a packed row -> each window's first-token state [windows, hidden]."""
+    inputs = {"input_ids": input_ids, "position_ids": position_ids + position_offset(model)}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids
+    if model.config._attn_implementation == VARLEN_ATTENTION:
+        cu = cu_seqlens.to(torch.int32)
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
+    else:
+        dtype = next(model.parameters()).dtype
+        inputs["attention_mask"] = packed_masks(model, cu_seqlens, input_ids.shape[1], dtype, input_ids.device)
+    return model.base_model(**inputs).last_hidden_state[0, window_starts]
+
+
 def enable_packed_inputs(model) -> None:
     """Give ``model`` a forward that also takes packed batches (``cu_seqlens`` given); padded batches still go to
-    its own forward. One instance attribute: parameters, state_dict and save_pretrained are unchanged."""
+    its own forward. One instance attribute: parameters, state_dict and save_pretrained are unchanged. A model
+    with a document head (train/document.py) already takes both layouts."""
+    if getattr(model, "bertfit_document_head", False):
+        return
     original = model.forward
-    head, position_offset = PACKED_HEADS[model.config.model_type]
-    if position_offset is None:
-        position_offset = model.config.pad_token_id + 1
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
                 window_starts=None, max_seqlen=None, **kwargs):
@@ -182,18 +169,8 @@ def enable_packed_inputs(model) -> None:
                             position_ids=position_ids, **kwargs)
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        encoder = self.base_model
-        inputs = {"input_ids": input_ids, "position_ids": position_ids + position_offset}
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids
-        if self.config._attn_implementation == VARLEN_ATTENTION:
-            cu = cu_seqlens.to(torch.int32)
-            inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
-        else:
-            dtype = next(self.parameters()).dtype
-            inputs["attention_mask"] = packed_masks(self, cu_seqlens, input_ids.shape[1], dtype, input_ids.device)
-        hidden = encoder(**inputs).last_hidden_state  # [1, T, H]
-        logits = head(self, hidden[0, window_starts])
-        return SequenceClassifierOutput(logits=logits)
+        first = packed_first_token_states(self, input_ids, position_ids, cu_seqlens, window_starts, max_seqlen,
+                                          token_type_ids)
+        return SequenceClassifierOutput(logits=head_logits(self, first))
 
     model.forward = types.MethodType(forward, model)

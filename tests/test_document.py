@@ -1,0 +1,159 @@
+"""The document objective (train/document.py, objective: document): document batches, the document head's
+logits against a hand computation, padded vs packed, and real 2-process / ZeRO-2 runs that resume and export."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tests.launch import assert_two_ranks, run, tail, train_command, train_env, train_records, write_config
+from tests.test_speedups import tiny_classifier
+from tests.test_train import _assert_export_predicts, _kill_and_resume, assert_same_run, base_config, launch_run
+from train.data import collate_windows, document_epoch_batches, document_windows, model_inputs, with_documents
+from train.document import attach_document_head, pool_and_classify
+from train.heads import head_logits
+from train.packing import enable_packed_inputs
+
+
+def random_documents(n_docs: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 7, size=n_docs)
+    doc_ids = np.repeat(np.arange(n_docs) * 3 + 5, counts)  # ids need not be 0..D-1
+    chunk = np.concatenate([rng.permutation(c) for c in counts])  # windows stored out of reading order
+    lengths = rng.integers(4, 40, size=len(doc_ids))
+    return doc_ids, chunk, lengths
+
+
+# ---------------------------------------------------------------------------------------------- batches
+@pytest.mark.parametrize("cap", [None, 2])
+@pytest.mark.parametrize("max_tokens,batch_size", [(None, 9), (160, None)])
+def test_document_batches_hold_every_window_of_a_document_once_and_never_split_it(cap, max_tokens, batch_size):
+    doc_ids, chunk, lengths = random_documents(120)
+    docs = document_windows(doc_ids, chunk)
+    assert all(np.all(np.diff(chunk[w]) > 0) for w in docs)  # reading order
+    for world in (1, 2):
+        plans = [document_epoch_batches(docs, lengths, batch_size, world, r, seed=3, epoch=1, accumulation=2,
+                                        max_tokens=max_tokens, windows_per_doc=cap) for r in range(world)]
+        assert len({p.steps for p in plans}) == 1 and all(len(p.micro_batches) == 2 * plans[0].steps for p in plans)
+        seen_docs = []
+        for p in plans:
+            for batch in p.micro_batches:
+                batch_docs = doc_ids[batch]
+                for d in np.unique(batch_docs):
+                    windows = np.asarray(batch)[batch_docs == d]
+                    whole = docs[(d - 5) // 3]
+                    if cap is None or len(whole) <= cap:
+                        assert sorted(windows.tolist()) == sorted(whole.tolist())  # all of it, here only
+                    else:
+                        assert len(windows) == cap and set(windows) <= set(whole.tolist())
+                    seen_docs.append(int(d))
+        assert len(seen_docs) == len(set(seen_docs))  # never split across micro-batches or ranks
+        again = document_epoch_batches(docs, lengths, batch_size, world, 0, seed=3, epoch=1, accumulation=2,
+                                       max_tokens=max_tokens, windows_per_doc=cap)
+        assert again.micro_batches == plans[0].micro_batches  # a pure function: resume recomputes it
+    if cap is not None:  # the sample changes between epochs
+        samples = [document_epoch_batches(docs, lengths, batch_size, 1, 0, seed=3, epoch=e, accumulation=1,
+                                          max_tokens=max_tokens, windows_per_doc=cap).micro_batches
+                   for e in (1, 2)]
+        assert sorted(map(sorted, samples[0])) != sorted(map(sorted, samples[1]))
+
+
+# ------------------------------------------------------------------------------------------------ logits
+@pytest.mark.parametrize("pooler", ["mean", "max", "attention"])
+def test_document_logits_equal_a_hand_computation(pooler):
+    model = tiny_classifier("bert").eval()
+    attach_document_head(model, pooler)
+    if pooler == "attention":
+        with torch.no_grad():
+            model.bertfit_doc_pooler.score.weight.normal_()
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(5, 99, n) for n in (12, 7, 20, 9, 15)]
+    rows = {"input_ids": ids, "label": [0, 0, 2, 1, 2], "doc_id": [4, 4, 9, 1, 9], "chunk_index": [0, 1, 0, 0, 1]}
+    batch = with_documents(collate_windows(rows, list(range(5)), pad_id=0))
+    assert batch["num_docs"] == 3 and batch["labels"].tolist() == [1, 0, 2]  # docs 1, 4, 9 in id order
+    with torch.no_grad():
+        got = model(**model_inputs(batch, "cpu")).logits
+        states = []
+        for x in ids:  # each window alone through the plain encoder: its [CLS] state
+            out = model.bert(input_ids=torch.as_tensor(x)[None]).last_hidden_state[0, 0]
+            states.append(out)
+        expected = []
+        for members in ([3], [0, 1], [2, 4]):
+            s = torch.stack([states[i] for i in members])
+            if pooler == "mean":
+                pooled = s.mean(0)
+            elif pooler == "max":
+                pooled = s.max(0).values
+            else:
+                w = torch.softmax(model.bertfit_doc_pooler.score(s).squeeze(-1), 0)
+                pooled = (w[:, None] * s).sum(0)
+            # the model's own head: BertPooler (dense + tanh), classifier
+            expected.append(model.classifier(torch.tanh(model.bert.pooler.dense(pooled))))
+        assert (got - torch.stack(expected)).abs().max() <= 1e-5
+        # evaluation's path (window states gathered, then pooled per document) gives the same
+        window_logits, doc_logits = pool_and_classify(model, torch.stack(states), batch["doc_index"], 3)
+        assert (doc_logits - got).abs().max() <= 1e-5
+        assert (window_logits - head_logits(model, torch.stack(states))).abs().max() == 0
+
+
+def test_packed_document_batches_give_the_logits_loss_and_gradients_of_padded_ones():
+    from tests.test_speedups import assert_same, outputs
+
+    model = tiny_classifier("roberta")
+    attach_document_head(model, "attention")
+    with torch.no_grad():
+        model.bertfit_doc_pooler.score.weight.normal_()
+    packed = copy.deepcopy(model)
+    enable_packed_inputs(packed)  # a document model already takes packed batches: nothing changes
+    rng = np.random.default_rng(2)
+    rows = {"input_ids": [rng.integers(5, 99, n) for n in (12, 30, 5, 17)], "label": [1, 1, 0, 2],
+            "doc_id": [0, 0, 1, 2], "chunk_index": [0, 1, 0, 0]}
+    padded = with_documents(collate_windows(rows, [0, 1, 2, 3], pad_id=1))
+    packed_batch = with_documents(collate_windows(rows, [0, 1, 2, 3], pad_id=1, pad_to_multiple_of=32, packed=True))
+    assert_same(outputs(model, padded), outputs(packed, packed_batch), "document head packed")
+
+
+# --------------------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_document_objective_two_process_run_resumes_bit_identically_and_exports(tmp_path, tiny_model, prepared):
+    data, _ = prepared
+    over = dict(objective="document", doc_pooler="attention", train_windows_per_doc=2, max_tokens_per_batch=96,
+                save_every_steps=4)
+    ref_cfg = base_config(tiny_model, data, tmp_path / "ref", **over)
+    rc, ref_log = launch_run(tmp_path, "ref", ref_cfg)
+    assert rc == 0, tail(ref_log)
+    assert_two_ranks(ref_log)
+    steps = max(train_records(tmp_path / "ref"))
+    assert steps >= 8
+    _, resumed = _kill_and_resume(tmp_path, "killed", dict(ref_cfg, output_dir=str(tmp_path / "killed")),
+                                  kill_at=random.randint(5, steps - 2))
+    assert_same_run(tmp_path / "ref", tmp_path / "killed", resumed)
+    best = tmp_path / "killed" / "best"
+    assert (best / "document_head.safetensors").is_file()
+    _assert_export_predicts(best, data)
+    from train.inference import forward_documents, load_export
+
+    model, tokenizer, info = load_export(best, "cpu")
+    assert info["objective"] == "document" and info["doc_pooler"] == "attention"
+    window_logits, doc_logits = forward_documents(model, [[2, 30, 3], [2, 40, 41, 3], [2, 50, 3]], None,
+                                                  np.array([7, 7, 3]), tokenizer.pad_token_id, 2)
+    assert window_logits.shape == (3, 2) and doc_logits.shape == (2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_document_objective_trains_and_exports_under_zero2(tmp_path, tiny_model, prepared):
+    data, _ = prepared
+    cfg = base_config(tiny_model, data, tmp_path / "out", epochs=1, objective="document", doc_pooler="attention",
+                      save_every_steps=0, report_to="none")
+    config = write_config(tmp_path / "run.yaml", **cfg)
+    log = tmp_path / "run.log"
+    rc = run(train_command(config, accelerate_config="zero2.yaml"), log, train_env(tmp_path), timeout=600)
+    assert rc == 0, tail(log)
+    assert_two_ranks(log)
+    assert "DEEPSPEED" in log.read_text()
+    _assert_export_predicts(tmp_path / "out" / "best", data)
