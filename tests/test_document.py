@@ -157,3 +157,51 @@ def test_document_objective_trains_and_exports_under_zero2(tmp_path, tiny_model,
     assert_two_ranks(log)
     assert "DEEPSPEED" in log.read_text()
     _assert_export_predicts(tmp_path / "out" / "best", data)
+
+
+# ------------------------------------------------------------------------------------ long-context path
+def tiny_modernbert(out, tokenizer_dir, positions: int = 1024):
+    """A tiny random ModernBERT (local attention 16 in every other layer, `positions` positions) beside the tiny
+    WordPiece tokenizer: the long-context encoder path without a download."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, ModernBertConfig
+
+    out.mkdir(parents=True)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    config = ModernBertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=positions, local_attention=16,
+                              global_attn_every_n_layers=2, num_labels=2, pad_token_id=0, bos_token_id=2,
+                              eos_token_id=3, cls_token_id=2, sep_token_id=3)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_long_context_encoder_takes_whole_documents_as_one_packed_window(tmp_path, tiny_model):
+    """ModernBERT-style positions: --max-length 1024 makes most documents one window; packing (block-diagonal
+    mask on CPU; varlen on CUDA) and the document objective train, evaluate and predict on them."""
+    import json
+
+    from data_prep.cli import main as prep_main
+    from train.tiny_model import write_synthetic_csv
+
+    model = tiny_modernbert(tmp_path / "modernbert", tiny_model)
+    csv_path = write_synthetic_csv(tmp_path / "long.csv", 60, seed=4, min_words=150, max_words=600)
+    data = tmp_path / "shards"
+    assert prep_main(["--input", str(csv_path), "--output", str(data), "--tokenizer", str(model), "--max-length",
+                      "1024", "--id-column", "id", "--quiet"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    train = manifest["splits"]["train"]
+    assert train["windows"] == train["documents"]  # every document is one window
+    cfg = base_config(model, data, tmp_path / "out", epochs=2, per_device_batch_size=4, objective="document",
+                      speedups={"packing": True}, learning_rate=1e-3, save_every_steps=0, report_to="none")
+    rc, log = launch_run(tmp_path, "long", cfg, nproc=1, accelerate_config=None)
+    assert rc == 0, tail(log)
+    assert "packing (block-diagonal mask)" in log.read_text()
+    records = train_records(tmp_path / "out")
+    assert records and all(np.isfinite(r["train/loss"]) for r in records.values())
+    _assert_export_predicts(tmp_path / "out" / "best", data)
