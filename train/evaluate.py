@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default=None, help="where to write the reports. Default: <model>/eval-<split>")
     p.add_argument("--pooling", choices=("mean", "max", "max_positive"), default=None,
                    help="single-label mean, max or max_positive (2 classes); multi-label max or mean; regression "
-                        "mean. Default: as in training")
+                        "mean. Default: as in training (a document-objective model: its document head; --pooling pools its "
+                        "per-window outputs instead)")
     p.add_argument("--threshold", type=float, default=None,
                    help="multi-label models: a label is predicted when its probability >= this, for every label. "
                         "Default: the export's thresholds (0.5 if it records none)")

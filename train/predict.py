@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Default: the export's thresholds (0.5 if it records none)")
     p.add_argument("--pooling", choices=("mean", "max", "max_positive"), default=None,
                    help="how window outputs become one per document: single-label mean, max or max_positive "
-                        "(2 classes); multi-label max or mean; regression mean. Default: as in training")
+                        "(2 classes); multi-label max or mean; regression mean. Default: as in training (a "
+                        "document-objective model: its document head; --pooling pools its per-window outputs instead)")
     p.add_argument("--chunk-size", type=int, default=None, help="content tokens per window. Default: as in training")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts. Default: as in training")
     p.add_argument("--max-length", type=int, default=None, help="window length incl. special tokens. Default: as "
