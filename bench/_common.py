@@ -95,6 +95,46 @@ def model_arg(model: str) -> str:
     return MINILM if model == "minilm" else tiny_model_dir()
 
 
+# ------------------------------------------------------------------------------------------ bertfit runs
+LR, BATCH, SEED, WD = 5e-5, 16, 42, 0.01  # the training setting every CPU bench shares
+
+
+def bertfit_yaml(model: str, data: Path, out: Path, steps: int, extra: dict | None = None) -> str:
+    """A run config for ``python -m train``: ``steps`` optimizer steps, batch 16, fp32, log every step, no
+    evaluation, no checkpoints; ``extra`` overrides or adds fields (e.g. ``{"speedups": {...}}``)."""
+    cfg = {"model": model_arg(model), "data": str(data), "output_dir": str(out), "max_steps": steps,
+           "per_device_batch_size": BATCH, "learning_rate": LR, "weight_decay": WD, "max_grad_norm": 1.0,
+           "seed": SEED, "report_to": "none", "eval_split": None, "save_every_steps": 0, "log_every_steps": 1,
+           "resume": "none", "mixed_precision": "no", **(extra or {})}
+    return "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()) + "\n"
+
+
+def history_steps(out: Path, batch: int = BATCH) -> dict:
+    """Per-step time stamps and token counts of a run logged every step, from its logs/history.jsonl (the
+    loop's meter times everything between two log points, logging included; step 1 starts before the first
+    batch is loaded)."""
+    recs = [json.loads(x) for x in (out / "logs" / "history.jsonl").read_text().splitlines() if x.strip()]
+    recs = [r for r in recs if "train/tokens_per_s" in r]
+    elapsed = [batch / r["train/samples_per_s"] for r in recs]
+    real = [r["train/tokens_per_s"] * e for r, e in zip(recs, elapsed)]
+    padded = [rr / max(1 - r["train/padding_fraction"], 1e-12) for rr, r in zip(real, recs)]
+    stamps = [0.0]
+    for e in elapsed:
+        stamps.append(stamps[-1] + e)
+    return {"stamps": stamps, "real": real, "padded": padded, "samples": [batch] * len(real)}
+
+
+def rates(res: dict, warmup: int) -> dict:
+    """Throughput over steps warmup+1..N of a run's per-step stamps (steps 1..warmup excluded)."""
+    st, real, padded, samples = res["stamps"], res["real"], res["padded"], res["samples"]
+    n = len(real)
+    w = min(warmup, n - 1)
+    t = st[n] - st[w]
+    return {"tokens_per_s": sum(real[w:]) / t, "samples_per_s": sum(samples[w:]) / t, "step_s": t / (n - w),
+            "real_per_step": sum(real[w:]) / (n - w),
+            "padding": 1 - sum(real[w:]) / max(sum(padded[w:]), 1), "steps": n, "measured_steps": n - w}
+
+
 # ------------------------------------------------------------------------------------------ machine facts
 def machine() -> str:
     model = "unknown CPU"
@@ -114,9 +154,14 @@ def machine() -> str:
     return f"{model}, {NCPU} cores usable{mem}, {platform.system()} {platform.release()}"
 
 
-def versions(extra=()) -> str:
+PACKAGES = ("torch", "transformers", "accelerate", "datasets", "numpy")
+
+
+def versions(extra=(), packages=PACKAGES) -> str:
+    """'python X, torch Y, ...': the given packages (the training stack by default) plus ``extra``; packages
+    that are not installed are left out."""
     out = [f"python {platform.python_version()}"]
-    for pkg in ("torch", "transformers", "accelerate", "datasets", "numpy", *extra):
+    for pkg in (*packages, *extra):
         try:
             out.append(f"{pkg} {importlib.metadata.version(pkg)}")
         except importlib.metadata.PackageNotFoundError:
@@ -128,13 +173,15 @@ def today() -> str:
     return dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
-def git_rev() -> str:
+def git_rev(paths=("train", "bench")) -> str:
+    """The short HEAD commit, plus a note when ``paths`` (the code a bench measures) have uncommitted changes."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train", "bench"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + (" (+ uncommitted changes in train/ or bench/)" if dirty else "")
+        where = " or ".join(f"{p}/" for p in paths)
+        return (rev or "?") + (f" (+ uncommitted changes in {where})" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "?"
 
@@ -171,7 +218,8 @@ def wait_for_quiet(threshold: float = 0.5, poll: float = 15.0, max_wait: float =
     return {"load1": os.getloadavg()[0], "other_before": other, "waited_s": time.monotonic() - start}
 
 
-def _children(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc/*/stat parent ids)."""
     out, todo = [], [pid]
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -218,7 +266,7 @@ class LoadMonitor:
         self.load1_end = os.getloadavg()[0]
 
     def _sample(self):
-        pids = _children(self.pid)
+        pids = process_tree(self.pid)
         return _cpu_jiffies(), {p: j for p in pids if (j := _proc_jiffies(p)) is not None}
 
     def _run(self):

@@ -3,19 +3,20 @@
     python -m bench.attention_dropout [--repeats 15] [--train-repeats 2] [--write-docs]
 
 Rows, on the same inputs in one process, interleaved per repeat (fresh random q, k, v once per shape):
-  sdpa, dropout 0.1     F.scaled_dot_product_attention(dropout_p=0.1): what HF Trainer and `fast_cpu_dropout: false`
-                        run on CPU (PyTorch's math path: whole (batch, heads, L, L) tensors, bernoulli_ masks)
-  bertfit C++, dropout 0.1  train/cpu_dropout.py's dropout_attention on a model set up with cpu_kernels
+  sdpa, dropout 0.1     F.scaled_dot_product_attention(dropout_p=0.1): what HF Trainer and `speedups.cpu_dropout:
+                        stock` run on CPU (PyTorch's math path: whole (batch, heads, L, L) tensors, bernoulli_ masks)
+  bertfit C++, dropout 0.1  train/cpu_dropout.py's dropout_attention as `cpu_dropout: kernels` sets it up
                         (FusedDropoutAttention: train/csrc/cpu_dropout.cpp, one (sequence, head) per thread,
                         probabilities and drop masks recomputed in backward)
-  bertfit Python, dropout 0.1  the same with cpu_kernels false (BlockedDropoutAttention: blocks of
-                        sequences in Python, probabilities recomputed in backward; small layers: plain math)
+  bertfit Python, dropout 0.1  the same function's Python path, what `cpu_dropout: kernels` runs where the C++
+                        kernels cannot be built (BlockedDropoutAttention: blocks of sequences, probabilities
+                        recomputed in backward; small layers: plain math)
   sdpa, no dropout      the fused CPU kernel, dropout 0: the floor a dropout-free run gets (for reference)
 Time: median ms per forward + backward; 'vs sdpa' = median of the per-repeat ratios. Memory: MiB that autograd
 keeps for backward beyond q, k, v and the mask (unique storages seen by saved_tensors_hooks), i.e. what the
 attention adds to activation memory per layer. Then the whole-process view: peak RSS of `python -m train` (MiniLM,
-BBC 256-token windows, batch 16, 4 steps, fresh process each): the defaults, `cpu_kernels: false`, and
-`fast_cpu_dropout: false`.
+BBC 256-token windows, batch 16, 4 steps, fresh process each): the defaults and `speedups: {cpu_dropout:
+stock}` (PyTorch's dropout and attention path).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ SHAPES = {  # name: (batch, heads, length, head_dim, padded keys in sequence 1)
     "MiniLM, batch 16 x 64 (short reviews: under 4M scores, Python: plain math path)": (16, 12, 64, 32, 14),
 }
 ROWS = ("sdpa, dropout 0.1", "bertfit C++, dropout 0.1", "bertfit Python, dropout 0.1", "sdpa, no dropout")
-TRAIN_SETTINGS = {"defaults": {}, "`cpu_kernels: false`": {"cpu_kernels": False},
-                  "`fast_cpu_dropout: false` (PyTorch's attention path)": {"fast_cpu_dropout": False}}
+TRAIN_SETTINGS = {"defaults": {},
+                  "`speedups: {cpu_dropout: stock}` (PyTorch's attention path)": {"speedups": {"cpu_dropout": "stock"}}}
 
 
 def inputs(b, h, length, d, padded):
@@ -90,11 +91,9 @@ def time_once(row: str, q, k, v, keep) -> float:
 
 def train_peak_rss_mib(settings: dict, threads: int) -> float:
     """Peak RSS of one fresh `python -m train` process (its own ru_maxrss, read through wait4)."""
-    from bench.train_speed import bertfit_yaml
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "run.yaml"
-        cfg.write_text(bertfit_yaml("minilm", C.shards("bbc", "minilm"), Path(tmp) / "out", 4, settings))
+        cfg.write_text(C.bertfit_yaml("minilm", C.shards("bbc", "minilm"), Path(tmp) / "out", 4, settings))
         log = Path(tmp) / "train.log"
         with open(log, "w") as err:  # a file, not a pipe: nobody reads a pipe while wait4 waits
             proc = subprocess.Popen([sys.executable, "-m", "train", "--config", str(cfg)], cwd=C.REPO,

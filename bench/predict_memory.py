@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-WORK = Path("/tmp/bertfit_bench/predict_memory")
+from bench import _common as C
+
+WORK = C.WORK / "predict_memory"
 
 
 def make_export(path: Path) -> Path:
@@ -66,8 +65,7 @@ def peak_rss(model: Path, doc: Path, batch_size: int) -> tuple[float, float]:
             f"'--batch-size', '{batch_size}']); "
             "print('RESULT', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t); "
             "sys.exit(rc)")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=C.REPO, env=C.env(2), capture_output=True, text=True, check=True)
     line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
     _, mb, seconds = line.split()
     return float(mb), float(seconds)
@@ -91,7 +89,7 @@ def main() -> int:
         docs[n].write_text(document(n, tok))
     cases = [("500-token document", 500, 8), ("5,000-token document", 5000, 8),
              ("5,000-token document, all 40 windows in one pass", 5000, 64)]
-    rows = []
+    rows, load1 = [], os.getloadavg()[0]
     for name, n, bs in cases:
         runs = [peak_rss(model, docs[n], bs) for _ in range(args.repeats)]
         mbs = sorted(r[0] for r in runs)
@@ -104,14 +102,11 @@ def main() -> int:
         lines.append(f"| {name} | {bs} | {med:.0f} | {lo:.0f}-{hi:.0f} | {med / base:.2f}x | {sec:.1f} |")
     table = "\n".join(lines)
     header = (f"Command: `python -m bench.predict_memory --write-docs` ({args.repeats} fresh processes per row, "
-              f"median). Model: MiniLM-L6 export, 128-token windows. Machine: {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}; load average at start "
-              f"{os.getloadavg()[0]:.2f}.")
+              f"median). Model: MiniLM-L6 export, 128-token windows. Machine: {C.machine()}; {C.versions()}; "
+              f"date {C.today()}, bertfit commit {C.git_rev()}; load average at start {load1:.2f}.")
     print(header + "\n\n" + table)
     if args.write_docs:
-        from bench._common import write_section
-
-        write_section("predict_memory", "predict: memory on long documents", header + "\n\n" + table)
+        C.write_section("predict_memory", "predict: memory on long documents", header + "\n\n" + table)
     return 0
 
 

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import _common as C
 from bench.corpora import (bbc_dir, read_bbc_article, rotten_tomatoes_csv, write_bbc_multi_label,
                            write_lee_regression, write_rt_imbalanced)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = C.REPO
 WORK = Path("/tmp/bertfit_bench/real_runs")
 BIN = Path(sys.executable).parent
 COMMANDS: list[str] = []  # every command sh() ran, as a reader would type it (see shown())
@@ -256,11 +257,9 @@ def minilm_cosine(splits) -> dict:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from bench._common import minilm_dir
-
     pairs, y = splits["test"]
     docs = sorted({t for pair in pairs for t in pair})
-    tok, model = AutoTokenizer.from_pretrained(minilm_dir()), AutoModel.from_pretrained(minilm_dir()).eval()
+    tok, model = AutoTokenizer.from_pretrained(C.minilm_dir()), AutoModel.from_pretrained(C.minilm_dir()).eval()
     with torch.no_grad():
         enc = tok(docs, padding=True, truncation=True, max_length=256, return_tensors="pt")
         mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -482,12 +481,10 @@ def run_tasks(which: list[str], env: dict, baselines_only: bool, write_docs: boo
               from_json: bool = False) -> int:
     """Run the experiments in ``which`` (none with from_json), keeping the others' results from TASKS_JSON;
     the JSON is rewritten after each experiment, so a later failure keeps the earlier results."""
-    from bench._common import LoadMonitor, dump_json, git_rev, machine, today, versions, write_section
-
     previous = json.loads(TASKS_JSON.read_text()) if TASKS_JSON.exists() else {"experiments": {}}
     experiments = dict(previous.get("experiments", {}))
-    res = previous if from_json else {"command": command, "machine": machine(),
-                                      "versions": versions(("scikit-learn",)), "started": today()}
+    res = previous if from_json else {"command": command, "machine": C.machine(),
+                                      "versions": C.versions(("scikit-learn",)), "started": C.today()}
 
     def save() -> None:
         res["experiments"] = {k: experiments[k] for k in TASKS if k in experiments}
@@ -497,31 +494,31 @@ def run_tasks(which: list[str], env: dict, baselines_only: bool, write_docs: boo
                                           if v.get("other_cores_mean") is not None else "") + ")"
             for k, v in res["experiments"].items())
         res["where"] = f"Machine: {res['machine']}; {res['versions']}. Runs: {runs}."
-        dump_json(TASKS_JSON, res)
+        C.dump_json(TASKS_JSON, res)
 
     for name in [] if from_json else which:
         COMMANDS.clear()
         t0 = time.perf_counter()
-        with LoadMonitor() as mon:  # cores other jobs took from the machine meanwhile (shared machine)
+        with C.LoadMonitor() as mon:  # cores other jobs took from the machine meanwhile (shared machine)
             result = TASK_FUNCS[name](env, baselines_only)
         load = mon.summary()
         kept = previous.get("experiments", {}).get(name)
         if baselines_only and kept and any(k.startswith("bertfit") for k in kept):
             # the model runs stay as they were (same deterministic data and split); the baselines are refreshed
-            experiments[name] = {**kept, **result, "baselines_rerun": f"{today()}, commit {git_rev()}"}
+            experiments[name] = {**kept, **result, "baselines_rerun": f"{C.today()}, commit {C.git_rev()}"}
         else:
             # hand-run recipe comparisons recorded next to an experiment stay until they are removed by hand
             extra = {k: kept[k] for k in ("recipes_tried", "recipes_note") if kept and k in kept}
             experiments[name] = {**result, **extra, "commands": list(COMMANDS), "wall_s": time.perf_counter() - t0,
                                  "load1_start": load["load1_start"], "other_cores_mean": load["other_mean"],
-                                 "date": today(), "commit": git_rev()}
+                                 "date": C.today(), "commit": C.git_rev()}
         print(json.dumps({name: {k: v for k, v in result.items() if k != "splits"}}, indent=1, default=str),
               flush=True)
         save()
     text = tasks_section(res)
     print(text)
     if write_docs:
-        write_section("real_tasks", "Other tasks: regression, multi-label, class weights", text)
+        C.write_section("real_tasks", "Other tasks: regression, multi-label, class weights", text)
     return 0
 
 
@@ -583,9 +580,7 @@ def main() -> int:
     print(header + "\n\n" + "\n".join(lines))
     saved.write_text(json.dumps(results, indent=1))
     if args.write_docs:
-        from bench._common import write_section
-
-        write_section("real_runs", "Accuracy: real model, real data", header + "\n\n" + "\n".join(lines))
+        C.write_section("real_runs", "Accuracy: real model, real data", header + "\n\n" + "\n".join(lines))
     return 0
 
 

@@ -32,33 +32,28 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _common as C  # noqa: E402
-from bench.train_speed import bertfit_yaml, history_steps, rates  # noqa: E402
 
 LAYOUTS = {"1x2": "1 process x 2 threads (batch 16)", "2x1": "2 processes x 1 thread, DDP gloo (2 x batch 8)"}
 BBC_WINDOWS_PER_COPY = None  # measured from the BBC shards
 
 
-def run_bertfit(layout: str, model: str, data: Path, steps: int, scratch: Path, pythonpath: Path | None = None,
-                extra: dict | None = None) -> dict:
+def run_bertfit(layout: str, model: str, data: Path, steps: int, scratch: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{layout}_{model}_", dir=scratch))
     per_device = 16 if layout == "1x2" else 8
-    (run_dir / "run.yaml").write_text(bertfit_yaml(model, data, run_dir / "out", steps,
-                                                   {"per_device_batch_size": per_device, **(extra or {})}))
-    repo = pythonpath or C.REPO
+    (run_dir / "run.yaml").write_text(C.bertfit_yaml(model, data, run_dir / "out", steps,
+                                                   {"per_device_batch_size": per_device}))
     env = C.env(2 if layout == "1x2" else 1)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = f"{pythonpath}"
     if layout == "1x2":
         cmd = [C.PY, "-m", "train", "--config", str(run_dir / "run.yaml")]
     else:
-        cmd = [C.PY, "-m", "accelerate.commands.launch", "--config_file", str(repo / "accelerate_configs" / "cpu.yaml"),
+        cmd = [C.PY, "-m", "accelerate.commands.launch", "--config_file", str(C.REPO / "accelerate_configs" / "cpu.yaml"),
                "-m", "train", "--config", str(run_dir / "run.yaml")]
-    r = C.run_monitored(cmd, env_=env, cwd=repo)
+    r = C.run_monitored(cmd, env_=env)
     if r["rc"] != 0:
         raise RuntimeError(f"{layout} {model} failed (rc {r['rc']}):\n{r['stderr'][-4000:]}")
     if layout == "2x1" and "world size 2" not in (r["stdout"] + r["stderr"]):
         raise RuntimeError("the 2-process launch did not report world size 2")
-    res = history_steps(run_dir / "out")
+    res = C.history_steps(run_dir / "out")
     res.update({k: v for k, v in r.items() if k not in ("stdout", "stderr")})
     shutil.rmtree(run_dir, ignore_errors=True)
     return res
@@ -74,8 +69,8 @@ def part_processes(a, scratch: Path) -> tuple[str, list]:
         for m in models:
             for lay in LAYOUTS:
                 before = C.wait_for_quiet(a.quiet_cores, 15, a.max_wait)
-                res = run_bertfit(lay, m, C.shards("bbc", m), steps[m], scratch, a.pythonpath)
-                res["before"], res["rates"] = before, rates(res, warm[m])
+                res = run_bertfit(lay, m, C.shards("bbc", m), steps[m], scratch)
+                res["before"], res["rates"] = before, C.rates(res, warm[m])
                 results[m][lay].append(res)
                 C.log(f"rep {rep + 1} {m} {lay}: {res['rates']['step_s'] * 1e3:.1f} ms/step "
                       f"{res['rates']['tokens_per_s']:.0f} tok/s, other load {res['other_mean']:.2f}")
@@ -169,7 +164,7 @@ def part_size(a, scratch: Path, proc_results: dict | None) -> str:
         res = run_bertfit("1x2", "minilm", out, a.size_steps, scratch)
         res["before"] = before
         runs.append(res)
-        rt = rates(res, min(3, a.size_steps - 1))
+        rt = C.rates(res, min(3, a.size_steps - 1))
         fixed = res["wall_s"] - res["stamps"][-1]
         spe = steps_per_epoch(train_windows, 16, 1, 1)
         spe2 = steps_per_epoch(train_windows, 8, 2, 1)
@@ -208,7 +203,6 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--max-wait", type=float, default=600)
     p.add_argument("--quiet-cores", type=float, default=0.5)
-    p.add_argument("--pythonpath", type=Path, default=None, help="run the trainer from this copy of the repo")
     p.add_argument("--write", type=Path, default=C.DOC_FILE)
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
