@@ -258,3 +258,15 @@ def test_a_model_that_cannot_be_packed_falls_back_to_padded_batches_with_a_notic
     assert len(speed.notices) == 1 and "deberta" in speed.notices[0].lower()
     # auto on a device where packing would be on says nothing and packs nothing either
     assert packing.packing_problem(model) is not None
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_the_cuda_varlen_call_is_accepted_by_torch(arch, monkeypatch):
+    """On CUDA the varlen path calls torch.nn.attention.varlen.varlen_attn; its arguments are checked here on
+    CPU: torch must get as far as looking for the (CUDA-only) flash kernel, not reject the call itself."""
+    model = packed_copy(tiny_classifier(arch), "varlen").eval()
+    monkeypatch.setattr(packing, "varlen_kernel", lambda device: packing.torch_varlen)
+    batch = collate_windows(windows(arch, pairs=False), [0, 1, 2, 3, 4], 0, 64, packed=True)
+    with pytest.raises(NotImplementedError, match="_flash_attention_forward"):
+        with torch.no_grad():
+            model(**model_inputs(batch, "cpu"))

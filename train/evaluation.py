@@ -347,7 +347,7 @@ def run_evaluation(accelerator, model, loader, label_names: list[str], problem_t
     if expected_windows is None:
         raise TypeError("run_evaluation needs expected_windows")
     model.eval()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = getattr(model, "module", model)  # DDP's and DeepSpeed's wrappers keep the model as .module
     document_model = has_document_head(unwrapped)  # gather window embeddings; the document head pools them
     logits, labels, docs, rows, tokens = [], [], [], [], []
     for i, batch in enumerate(loader):

@@ -96,7 +96,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if cu_seq_lens_q is None:
         raise RuntimeError("bertfit_varlen attention needs packed inputs (cu_seq_lens_q); use packing: false")
     q, k, v = (x.transpose(1, 2)[0] for x in (query, key, value))  # [T, heads, d]
-    window = [sliding_window - 1, sliding_window - 1] if sliding_window else None
+    window = [sliding_window - 1, sliding_window - 1] if sliding_window else [-1, -1]  # -1: unbounded
     out = varlen_kernel(q.device)(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
                                   scale=scaling, window_size=window)
     return out[None], None
@@ -105,21 +105,22 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 def varlen_kernel(device):
     """torch.nn.attention.varlen.varlen_attn on CUDA; elsewhere ``reference_varlen`` (the same computation,
     one sdpa call per window) so the plumbing is testable on CPU."""
-    if device.type == "cuda":
-        from torch.nn.attention.varlen import varlen_attn
-
-        return lambda q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None: varlen_attn(
-            q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
-    return reference_varlen
+    return torch_varlen if device.type == "cuda" else reference_varlen
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None):
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=list(window_size))
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
     out = torch.empty_like(q)
     bounds = cu_q.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [heads, n, d]
         mask = None
-        if window_size is not None:
+        if window_size[0] >= 0:
             n = end - start
             pos = torch.arange(n, device=q.device)
             mask = (pos[:, None] - pos[None, :]).abs() <= window_size[0]
