@@ -338,11 +338,17 @@ def compile_times(data: dict) -> list[float]:
     return [x["measured"]["warmup_s"] - y["measured"]["warmup_s"] for x, y in pairs(data, "compile", "stock")]
 
 
-def decision(data: dict) -> tuple[float, list[float], list[str]] | None:
-    """Median of the per-repeat compile / kernels tokens/s ratios, the ratios, and each pair's other load."""
+QUIET = 0.25  # other jobs' mean cores during a run under which the run counts as undisturbed
+
+
+def decision(data: dict) -> tuple[float, list[float], list[str], list[float]] | None:
+    """Median of the per-repeat compile / kernels tokens/s ratios, the ratios, each pair's other load, and the
+    ratios of the repeats whose two runs both ran undisturbed."""
     r = paired(data, "compile", "kernels")
-    load = [f"{x['other_mean']:.2f} / {y['other_mean']:.2f}" for x, y in pairs(data, "compile", "kernels")]
-    return (statistics.median(r), r, load) if r else None
+    pp = pairs(data, "compile", "kernels")
+    load = [f"{x['other_mean']:.2f} / {y['other_mean']:.2f}" for x, y in pp]
+    quiet = [q for q, (x, y) in zip(r, pp) if max(x["other_mean"], y["other_mean"]) <= QUIET]
+    return (statistics.median(r), r, load, quiet) if r else None
 
 
 def report(data: dict) -> str:
@@ -424,13 +430,15 @@ def report(data: dict) -> str:
             + "The run's own count: " + "; ".join(shapes) + ".")
     d = decision(data)
     if d:
-        med_, r, load = d
+        med_, r, load, quiet = d
         notes.append(
             f"**Decision rule** (compile with stock dropout against bertfit's C++ kernels, paired per repeat): "
             f"compile with stock dropout reaches **{med_:.2f}x** of the C++ kernels' tokens/s (per-repeat ratios "
             + ", ".join(f"{x:.2f} [other jobs' cores during the two runs {lo}]" for x, lo in zip(r, load))
             + f"): {'>=' if med_ >= 0.95 else 'below'} 0.95"
-            + (", so by the rule the kernels can go." if med_ >= 0.95 else ", so by the rule the kernels stay."))
+            + (", so by the rule the kernels can go." if med_ >= 0.95 else ", so by the rule the kernels stay.")
+            + (f" Over the {len(quiet)} repeat(s) in which both runs had other jobs under {QUIET} cores: "
+               f"{statistics.median(quiet):.2f}x." if quiet and len(quiet) < len(r) else ""))
     return "\n".join(lines + [x for n in notes for x in ("", n)])
 
 
