@@ -417,7 +417,8 @@ def report(data: dict) -> str:
                     f"steps only, TORCHINDUCTOR_CACHE_DIR fresh): the end of step {w} comes "
                     f"{C.mmm([r['measured']['warmup_s'] - stock_w for r in cold], '{:.1f}')} s after the stock runs' "
                     f"median ({stock_w:.1f} s), the first step alone "
-                    f"{C.mmm([r['measured']['first_step_s'] for r in cold], '{:.1f}')} s. " if cold else "")
+                    f"{C.mmm([r['measured']['first_step_s'] for r in cold], '{:.1f}')} s (other jobs' cores during "
+                    f"these runs {C.mmm([r['other_mean'] for r in cold], '{:.2f}')}). " if cold else "")
         notes.append(
             f"**Compile time** (torch.compile, inductor, CPU): in the table's runs (inductor's on-disk caches as "
             f"earlier runs on this machine left them) the compile run reaches the end of step {w} "
