@@ -29,14 +29,16 @@ Auto = Literal["auto"]
 class SpeedupsConfig:
     compile: Union[bool, Auto] = "auto"
     """torch.compile (inductor) the model for training and inference. auto = on CUDA (not under DeepSpeed
-    ZeRO-3), off on CPU (compile time outweighs the gain on short CPU runs: docs/benchmarks.md)."""
+    ZeRO-3), off on CPU (measured there: 0.79x the eager step rate, plus ~8 s of compile with a warm inductor
+    cache and ~110 s with a cold one; docs/benchmarks.md)."""
     compile_bucket: int = 64
     """Under compile: pad each batch's width (or a packed batch's total length) up to a multiple of this, so a
     run compiles a bounded number of shapes (the count is printed at the end)."""
     packing: Union[bool, Auto] = "auto"
     """Padding-free batches: a micro-batch's windows end to end, attention kept inside each window (varlen
     FlashAttention on CUDA under bf16/fp16, a block-diagonal mask elsewhere); same logits and losses as padded
-    batches. auto = on CUDA, off on CPU (the block-diagonal mask costs more than the padding it saves there).
+    batches. auto = on CUDA, off on CPU (there the block-diagonal mask spans the whole packed row: measured
+    0.10x the padded step rate and ~14 GiB at 16 MiniLM windows of 256 tokens; docs/benchmarks.md).
     Models that cannot be packed (e.g. DeBERTa) use padded batches with a notice. Under varlen attention the
     attention-probability dropout is not applied (the kernel has none)."""
     cls_only_last_layer: Union[bool, Auto] = "auto"
