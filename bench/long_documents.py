@@ -484,9 +484,11 @@ def section(res: dict, longdoc_seeds: list[int], bbc_seeds: list[int]) -> str:
             means[d][s] = mean
         rows.append(row)
     out += [C.table(head, rows), ""]
-    detail = []
+    detail, notes = [], []
     for k, r in runs.items():
         d, s, seed = k.split("/")
+        if r.get("paused_note"):
+            notes.append(f"- `{k}`: {r['paused_note']}")
         if s in TRAINED:
             detail.append([d, SETTING_NAMES[s], seed, f4(r["doc_accuracy"]), f4(r.get("doc_f1_macro")),
                            f"{f4(r['validation_doc_accuracy'])} (step {r['best_step']} of {r['steps']})",
@@ -496,7 +498,7 @@ def section(res: dict, longdoc_seeds: list[int], bbc_seeds: list[int]) -> str:
                 "evaluations, export; 'other load' = cores other jobs took from the 2 on average during the run):",
                 "", C.table(["data", "setting", "seed", "test doc accuracy", "test macro F1",
                              "best validation doc accuracy (chosen step)", "training time", "other load",
-                             "commit"], detail), ""]
+                             "commit"], detail), "", *notes, *([""] if notes else [])]
     goals = []
     for d in DATASETS:
         bert = {s: v for s, v in means[d].items() if s != "tfidf_svm" and v is not None}
