@@ -235,18 +235,9 @@ def forward_documents(model, windows: list[list[int]], types: list[list[int]] | 
     its document head pools them; any other model gives None, its documents are pooled from window outputs."""
     if not has_document_head(model):
         return forward_windows(model, windows, types, pad_id, batch_size), None
-    device = next(model.parameters()).device
-    order = np.argsort([-len(w) for w in windows], kind="stable")
     states = torch.zeros(len(windows), model.config.hidden_size)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = {"input_ids": [windows[i] for i in idx], "label": [0] * len(idx), "doc_id": [0] * len(idx),
-                "chunk_index": [0] * len(idx)}
-        if types is not None:
-            rows["token_type_ids"] = [types[i] for i in idx]
-        batch = collate_windows(rows, idx, pad_id, **getattr(model, "bertfit_batch_layout", {}))
-        out = model(**model_inputs(batch, device), embeddings_only=True)
-        states[torch.from_numpy(idx)] = out.embeddings.float().cpu()
+    for idx, inputs in window_batches(model, windows, types, pad_id, batch_size):
+        states[torch.from_numpy(idx)] = model(**inputs, embeddings_only=True).embeddings.float().cpu()
     ids, inverse = np.unique(np.asarray(doc_index), return_inverse=True)
     window_logits, doc_logits = pool_and_classify(model, states, torch.from_numpy(inverse.reshape(-1)), len(ids))
     return window_logits.float().cpu().numpy(), doc_logits.float().cpu().numpy()
@@ -314,10 +305,18 @@ def window_documents(tokenizer, texts: list[str], settings: ChunkSettings, pairs
 @torch.no_grad()
 def forward_windows(model, windows: list[list[int]], types: list[list[int]] | None, pad_id: int,
                     batch_size: int) -> np.ndarray:
-    """Logits [windows, labels]; windows are sorted by length so each batch is padded little."""
+    """Logits [windows, labels]."""
+    logits = np.zeros((len(windows), model.config.num_labels), dtype=np.float32)
+    for idx, inputs in window_batches(model, windows, types, pad_id, batch_size):
+        logits[idx] = model(**inputs).logits.float().cpu().numpy()
+    return logits
+
+
+def window_batches(model, windows: list[list[int]], types: list[list[int]] | None, pad_id: int, batch_size: int):
+    """(window indices, model inputs) per batch, in the layout the model's speedups expect; windows are sorted by
+    length so each batch is padded little."""
     device = next(model.parameters()).device
     order = np.argsort([-len(w) for w in windows], kind="stable")
-    logits = np.zeros((len(windows), model.config.num_labels), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         rows = {"input_ids": [windows[i] for i in idx], "label": [0] * len(idx), "doc_id": [0] * len(idx),
@@ -325,6 +324,4 @@ def forward_windows(model, windows: list[list[int]], types: list[list[int]] | No
         if types is not None:
             rows["token_type_ids"] = [types[i] for i in idx]
         batch = collate_windows(rows, idx, pad_id, **getattr(model, "bertfit_batch_layout", {}))
-        inputs = model_inputs(batch, device)
-        logits[idx] = model(**inputs).logits.float().cpu().numpy()
-    return logits
+        yield idx, model_inputs(batch, device)
