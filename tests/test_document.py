@@ -16,6 +16,7 @@ from tests.test_train import _assert_export_predicts, _kill_and_resume, assert_s
 from train.data import collate_windows, document_epoch_batches, document_windows, model_inputs, with_documents
 from train.document import attach_document_head, pool_and_classify
 from train.heads import head_logits
+from train.losses import loss_unit_labels, make_loss
 from train.packing import enable_packed_inputs
 
 
@@ -60,6 +61,20 @@ def test_document_batches_hold_every_window_of_a_document_once_and_never_split_i
                                           max_tokens=max_tokens, windows_per_doc=cap).micro_batches
                    for e in (1, 2)]
         assert sorted(map(sorted, samples[0])) != sorted(map(sorted, samples[1]))
+
+
+def test_balanced_class_weights_count_documents_under_the_document_objective():
+    # class 0: one document of 6 windows; class 1: two documents of 1 window. Per window class 0 is the
+    # majority (6 vs 2); per document it is the minority (1 vs 2), and the document loss sees documents.
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    docs = document_windows(np.array([0, 0, 0, 0, 0, 0, 1, 2]), np.array([0, 1, 2, 3, 4, 5, 0, 0]))
+    assert loss_unit_labels(labels, None).tolist() == labels.tolist()
+    assert loss_unit_labels(labels, docs).tolist() == [0, 1, 1]
+    logits, target = torch.tensor([[2.0, -1.0], [0.5, 0.3], [-1.0, 1.0]]), torch.tensor([0, 1, 1])
+    for docs_or_none, weight in ((docs, [1.5, 0.75]), (None, [8 / 12, 8 / 4])):  # sklearn's 'balanced'
+        loss = make_loss("single_label", ["a", "b"], loss_unit_labels(labels, docs_or_none), "balanced", None, None)
+        assert float(loss(logits, target)) == pytest.approx(
+            float(torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor(weight))), abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ logits

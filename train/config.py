@@ -90,10 +90,12 @@ class TrainConfig:
     probabilities; regression: mean (token-count weighted). null = mean, or max for multi-label."""
     class_weights: Optional[Union[Literal["balanced"], dict[str, float]]] = None
     """single-label: weights of the cross-entropy per class. null = none; balanced = windows / (classes x
-    windows of the class) over the training split; or {label: weight} (labels not named get 1.0)."""
+    windows of the class) over the training split (objective document: documents, not windows); or
+    {label: weight} (labels not named get 1.0)."""
     pos_weight: Optional[Union[Literal["balanced"], dict[str, float]]] = None
     """multi-label: BCE weight of positive examples per label. null = none; balanced = negatives / positives
-    per label over the training windows; or {label: weight} (labels not named get 1.0)."""
+    per label over the training windows (objective document: documents); or {label: weight} (labels not named
+    get 1.0)."""
     threshold: Union[float, Literal["tune"]] = 0.5
     """multi-label: a label is predicted when its probability is at least this. tune = per label the threshold
     with the best F1 on the eval split at each evaluation; the best model's thresholds are stored in the export

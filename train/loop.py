@@ -37,7 +37,7 @@ from train.distributed import (configure_deepspeed, is_deepspeed, make_accelerat
                                zero_stage)
 from train.evaluation import confusion_matrix_image, rescore, run_evaluation, tune_thresholds
 from train.export import HF_PROBLEM_TYPES, export_model
-from train.losses import make_loss, problem_type_of, target_scale
+from train.losses import loss_unit_labels, make_loss, problem_type_of, target_scale
 from train.optim import lr_at_step, make_optimizer, set_lr, warmup_steps_for
 from train.speedups import SpeedupsError, apply_speedups
 from train.throughput import mfu, model_flops_per_token
@@ -108,8 +108,8 @@ def train(cfg: TrainConfig) -> int:
             check_split_contract(cfg.data, split, ds, manifest, vocab, type_vocab, cfg.verify_data)
     scale = target_scale(manifest, cfg.train_split, cfg.standardize_targets)  # regression: (mean, std) or None
     weighted = cfg.class_weights is not None or cfg.pos_weight is not None
-    loss_fn = make_loss(problem_type, label_names, label_array(train_ds) if weighted else None, cfg.class_weights,
-                        cfg.pos_weight, scale)
+    loss_fn = make_loss(problem_type, label_names, loss_unit_labels(label_array(train_ds), train_docs) if weighted
+                        else None, cfg.class_weights, cfg.pos_weight, scale)
     try:  # every speed switch, in one place (train/speedups.py)
         speed = apply_speedups(model, cfg.speedups, accelerator.device, mixed_precision=accelerator.mixed_precision,
                                zero_stage=zero_stage(accelerator))

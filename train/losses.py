@@ -33,6 +33,12 @@ def label_weights(setting, label_names: list[str], counts: np.ndarray, totals: n
     return torch.tensor([float(setting.get(name, 1.0)) for name in label_names], dtype=torch.float32)
 
 
+def loss_unit_labels(window_labels: np.ndarray, docs: list[np.ndarray] | None) -> np.ndarray:
+    """The labels the loss averages over, for balanced weights: one per window (window objective), or one per
+    document (document objective, ``docs`` = each document's window indices; all of them carry its label)."""
+    return window_labels if docs is None else window_labels[[int(windows[0]) for windows in docs]]
+
+
 def make_loss(problem_type: str, label_names: list[str], train_labels: np.ndarray | None, class_weights, pos_weight,
               target_scale: tuple[float, float] | None):
     """loss(logits, labels) for the training loop (settings already checked by the loop's
