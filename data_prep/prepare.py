@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import glob
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 from array import array
@@ -655,7 +657,8 @@ def prepare(opts: PrepOptions) -> dict:
     pairs = opts.text_pair_column is not None
     features = window_features(pairs, problem_type, len(label_names))
     docs_per_split = np.bincount(split_idx, minlength=len(split_names))
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    remove_dead_runs_leftovers(output)
+    tmp = output.parent / f".{output.name}.tmp-{run_tag()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -709,6 +712,34 @@ def prepare(opts: PrepOptions) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+# A run's temporary folders beside --output are named after it: host and pid, so a later run can tell which
+# belong to a run that died (SIGKILL, power loss) and may be removed, and never touches one of a live run, here
+# or on another node sharing the file system.
+def run_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_dead_runs_leftovers(output: Path) -> None:
+    """Remove ``.NAME.tmp-HOST-PID`` / ``.NAME.old-HOST-PID`` folders of runs on this host that are no longer
+    running; a SIGKILLed run cannot remove its own."""
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        for path in output.parent.glob(f".{glob.escape(output.name)}.{kind}-{glob.escape(host)}-*"):
+            pid = path.name.rsplit("-", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                _remove(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def check_inputs_outside(opts: PrepOptions, output: Path) -> None:
@@ -791,7 +822,7 @@ def _replace_folder(tmp: Path, output: Path, overwrite: bool) -> None:
     if os.path.lexists(output):
         if not overwrite:
             raise appeared
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        old = output.parent / f".{output.name}.old-{run_tag()}"
         try:
             output.rename(old)
         except FileNotFoundError:  # removed meanwhile

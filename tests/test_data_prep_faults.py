@@ -256,6 +256,32 @@ def test_signal_mid_run_removes_temporary_folder(tmp_path, capsys, tiny_model, t
     assert_group_gone(p.pid)
 
 
+def test_next_run_removes_what_a_sigkilled_run_left_but_not_a_live_runs_folders(tmp_path, capsys, tiny_model,
+                                                                                  tiny_csv, big_csv):
+    import socket
+
+    out = tmp_path / "out"
+    p = prep_subprocess("--input", big_csv, "--output", out, "--tokenizer", tiny_model, "--max-length", "24",
+                        "--batch-size", "200", start_new_session=True)
+    wait_for_tmp(p, out)
+    os.killpg(p.pid, signal.SIGKILL)  # no cleanup can run
+    p.communicate(timeout=60)
+    host = socket.gethostname()
+    assert leftovers(out) == [f".out.tmp-{host}-{p.pid}"]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept = [out.parent / f".out.tmp-{host}-{live.pid}", out.parent / f".out.tmp-otherhost-{p.pid}",
+                out.parent / f".out.old-{host}-{live.pid}"]
+        for folder in kept:  # a run still writing here, and one on another node of a shared file system
+            folder.mkdir()
+        rc, err = run_prep(capsys, "--input", tiny_csv, "--output", out, "--tokenizer", tiny_model)
+        assert rc == 0, err
+        assert leftovers(out) == sorted(f.name for f in kept)
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_help_documents_exit_codes_and_split_names(capsys):
     assert prep_main(["--help"]) == 0
     text = capsys.readouterr().out
