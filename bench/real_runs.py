@@ -38,21 +38,12 @@ from bench.corpora import (bbc_dir, read_bbc_article, rotten_tomatoes_csv, write
 ROOT = C.REPO
 WORK = Path("/tmp/bertfit_bench/real_runs")
 BIN = Path(sys.executable).parent
-COMMANDS: list[str] = []  # every command sh() ran, as a reader would type it (see shown())
-
-
-def shown(cmd: list) -> str:
-    """A command as typed in the repository root with the venv active: python, accelerate, relative paths."""
-    words = []
-    for c in map(str, cmd):
-        c = {sys.executable: "python", str(BIN / "accelerate"): "accelerate"}.get(c, c)
-        words.append(c.replace(str(ROOT) + "/", ""))
-    return " ".join(words)
+COMMANDS: list[str] = []  # every command sh() ran, as a reader would type it (see C.shown())
 
 
 def sh(cmd: list, env: dict) -> float:
     print("$ " + " ".join(map(str, cmd)), flush=True)
-    COMMANDS.append(shown(cmd))
+    COMMANDS.append(C.shown(cmd))
     start = time.perf_counter()
     subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=True)
     return time.perf_counter() - start
