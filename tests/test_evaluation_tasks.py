@@ -82,6 +82,14 @@ def test_max_positive_needs_two_classes():
     assert "\n" not in str(info.value)
 
 
+def test_one_pooling_check_names_the_option_and_the_class_count():
+    assert ev.check_pooling("single_label", "max_positive", 2) == "max_positive"
+    with pytest.raises(ValueError, match="^--pooling max_positive: needs a 2-class model, this one has 3 classes$"):
+        ev.check_pooling("single_label", "max_positive", 3, option="--pooling")
+    with pytest.raises(ValueError, match="^pooling max: not available for a regression model; choose from mean$"):
+        ev.check_pooling("regression", "max", 1)
+
+
 def test_multi_label_max_and_mean_pooling_by_hand():
     probs = np.array([[0.1, 0.8, 0.3], [0.6, 0.2, 0.3], [0.4, 0.4, 0.9]])
     outputs = ev.window_outputs(_logit(probs), "multi_label")
@@ -114,7 +122,7 @@ def test_invalid_pooling_is_refused_in_one_line(problem_type, pooling):
     with pytest.raises(ValueError) as info:
         ev.pool_documents(outputs, np.array([0, 0]), problem_type, pooling, window_tokens=np.ones(2))
     message = str(info.value)
-    assert "\n" not in message and repr(pooling) in message and problem_type in message
+    assert "\n" not in message and f"pooling {pooling}:" in message and problem_type in message
     assert ", ".join(ev.allowed_poolings(problem_type)) in message  # says what is allowed
     labels = np.zeros(2) if problem_type == "regression" else np.zeros((2, 2)) if problem_type == "multi_label" \
         else np.zeros(2, dtype=int)

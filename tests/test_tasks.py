@@ -182,7 +182,8 @@ def test_multi_label_settings_that_cannot_work_are_one_line_errors(tmp_path, tin
         "unknown_pos_weight_label": ({"pos_weight": {"politics": 2.0}}, "pos_weight: unknown label(s) 'politics'"),
         "class_weights_multi_label": ({"class_weights": "balanced"},
                                       "class_weights is for single-label data; this data is multi_label"),
-        "max_positive_multi_label": ({"pooling": "max_positive"}, "pooling max_positive is not for multi_label data"),
+        "max_positive_multi_label": ({"pooling": "max_positive"},
+                                     "pooling max_positive: not available for a multi_label model"),
     }[case]
     config = write_config(tmp_path / "bad.yaml", model=str(tiny_model), data=str(data),
                           output_dir=str(tmp_path / "out"), **extra)

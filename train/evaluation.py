@@ -67,11 +67,15 @@ def allowed_poolings(problem_type: str) -> tuple[str, ...]:
     return _POOLINGS[check_problem_type(problem_type)]
 
 
-def check_pooling(problem_type: str, pooling: str) -> str:
+def check_pooling(problem_type: str, pooling: str, num_classes: int | None = None, option: str = "pooling") -> str:
+    """The pooling, if the problem type (and, given num_classes, the class count) allows it; else a ValueError
+    whose one line names ``option`` and the choices. The one check behind training, evaluate, predict and the API."""
     allowed = allowed_poolings(problem_type)
     if pooling not in allowed:
-        raise ValueError(f"pooling {pooling!r} is not available for {problem_type}; choose one of: "
+        raise ValueError(f"{option} {pooling}: not available for a {problem_type} model; choose from "
                          f"{', '.join(allowed)}")
+    if pooling == "max_positive" and num_classes is not None and num_classes != 2:
+        raise ValueError(f"{option} max_positive: needs a 2-class model, this one has {num_classes} classes")
     return pooling
 
 

@@ -12,7 +12,7 @@ from data_prep.chunking import ChunkSettings, encode_pairs, encode_singles
 from data_prep.tokenizer import special_token_template, tokenizer_fingerprint
 from train.data import collate_windows, model_inputs
 from train.document import has_document_head, pool_and_classify
-from train.evaluation import allowed_poolings, default_pooling
+from train.evaluation import check_pooling as evaluation_check_pooling, default_pooling
 from train.export import DOCUMENT_HEAD, EXPORT_INFO, HF_PROBLEM_TYPES, read_export_info, read_json_object
 from train.speedups import SpeedupsConfig, apply_speedups
 from train.versions import version_problem
@@ -59,15 +59,10 @@ def decision_thresholds(threshold: float | None, info: dict) -> list[float] | No
 
 def check_pooling(pooling: str, info: dict, option: str = "--pooling") -> str:
     """The pooling, if the model's problem type (and label count) allows it; one line naming the choices."""
-    problem_type = info["problem_type"]
-    allowed = allowed_poolings(problem_type)
-    if pooling not in allowed:
-        raise InferenceError(f"{option} {pooling}: not available for a {problem_type} model; choose from "
-                             f"{', '.join(allowed)}")
-    if pooling == "max_positive" and len(info["labels"]) != 2:
-        raise InferenceError(f"{option} max_positive: needs a 2-class model, this one has "
-                             f"{len(info['labels'])} classes")
-    return pooling
+    try:
+        return evaluation_check_pooling(info["problem_type"], pooling, len(info["labels"]), option)
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from None
 
 
 def prediction(problem_type: str, labels: list[str], thresholds: list[float] | None, output):

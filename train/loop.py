@@ -380,7 +380,7 @@ class NonFiniteWatch:
 def resolve_task_settings(cfg: TrainConfig, problem_type: str, label_names: list[str]) -> None:
     """Fill the settings whose defaults depend on the problem type (pooling, the early-stopping metric and its
     mode) and refuse the ones that contradict it; the resolved values are what the export's config records."""
-    from train.evaluation import allowed_poolings, default_pooling
+    from train.evaluation import check_pooling, default_pooling
     from train.metrics import metric_mode, metric_names
 
     es = cfg.early_stopping
@@ -399,11 +399,10 @@ def resolve_task_settings(cfg: TrainConfig, problem_type: str, label_names: list
     if es.patience is not None and not cfg.eval_split:
         raise ConfigError("early_stopping.patience needs an eval_split")
     cfg.pooling = cfg.pooling or default_pooling(problem_type)
-    if cfg.pooling not in allowed_poolings(problem_type):
-        raise ConfigError(f"pooling {cfg.pooling} is not for {problem_type} data; choose from "
-                          f"{', '.join(allowed_poolings(problem_type))}")
-    if cfg.pooling == "max_positive" and len(label_names) != 2:
-        raise ConfigError(f"pooling max_positive needs 2 classes; this data has {len(label_names)}")
+    try:
+        check_pooling(problem_type, cfg.pooling, len(label_names))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.class_weights is not None and problem_type != "single_label":
         raise ConfigError(f"class_weights is for single-label data; this data is {problem_type}"
                           + (" (use pos_weight)" if problem_type == "multi_label" else ""))
