@@ -158,3 +158,37 @@ def assert_no_worker_traceback(text: str) -> None:
     tracebacks = text.count("Traceback (most recent call last)")
     launcher_reports = text.count("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
     assert tracebacks <= launcher_reports, text[-3000:]
+
+
+def tiny_export(root: Path, tiny_model: Path, num_docs: int, seed: int, max_words: int) -> dict:
+    """A bertfit export of the tiny 2-label model as train writes it (labels, chunking, pooling, task and the
+    tokenizer fingerprint from the data's manifest; random weights are enough to compare code paths), shards of
+    a CSV of ``num_docs`` documents windowed at 16 content tokens with overlap, split 50/50 train/test."""
+    import csv
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from data_prep.cli import main as prep_main
+    from train.tiny_model import synthetic_texts
+
+    rows = [(f"d{i}", t, f"class{y}") for i, (t, y) in
+            enumerate(synthetic_texts(num_docs, 2, seed=seed, min_words=5, max_words=max_words))]
+    with open(root / "docs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "text", "label"])
+        w.writerows(rows)
+    data = root / "shards"
+    assert prep_main(["--input", str(root / "docs.csv"), "--output", str(data), "--tokenizer", str(tiny_model),
+                      "--max-length", "18", "--chunk-size", "16", "--stride", "12", "--id-column", "id",
+                      "--split-ratios", "train=0.5,test=0.5", "--quiet"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=2, id2label={0: "class0", 1: "class1"}, label2id={"class0": 0, "class1": 1})
+    best = root / "best"
+    model.save_pretrained(best)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(best)
+    (best / "bertfit.json").write_text(json.dumps({
+        "labels": manifest["labels"], "chunking": manifest["chunking"], "pooling": "mean", "task": "single",
+        "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"]}, indent=2))
+    return {"best": best, "data": data, "csv": root / "docs.csv", "rows": rows, "manifest": manifest, "root": root,
+            "tiny": tiny_model}

@@ -11,40 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from tests.launch import ROOT, train_env
+from tests.launch import ROOT, tiny_export, train_env
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory, tiny_model):
-    """A bertfit export of the tiny model (random weights are enough to compare code paths) and shards of a
-    CSV with long documents, windowed at 16 content tokens with overlap."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from data_prep.cli import main as prep_main
-    from train.tiny_model import synthetic_texts
-
-    root = tmp_path_factory.mktemp("export")
-    rows = [(f"d{i}", t, f"class{y}") for i, (t, y) in
-            enumerate(synthetic_texts(40, 2, seed=5, min_words=5, max_words=200))]
-    with open(root / "docs.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "text", "label"])
-        w.writerows(rows)
-    data = root / "shards"
-    assert prep_main(["--input", str(root / "docs.csv"), "--output", str(data), "--tokenizer", str(tiny_model),
-                      "--max-length", "18", "--chunk-size", "16", "--stride", "12", "--id-column", "id",
-                      "--split-ratios", "train=0.5,test=0.5", "--quiet"]) == 0
-    manifest = json.loads((data / "manifest.json").read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model, num_labels=2, id2label={0: "class0", 1: "class1"}, label2id={"class0": 0, "class1": 1})
-    best = root / "best"
-    model.save_pretrained(best)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(best)
-    (best / "bertfit.json").write_text(json.dumps({"labels": manifest["labels"], "chunking": manifest["chunking"],
-                                                    "pooling": "mean", "task": "single"}))
-    return {"best": best, "data": data, "csv": root / "docs.csv", "rows": rows, "manifest": manifest, "root": root}
+    """A bertfit export of the tiny model with 40 documents, many longer than one window."""
+    return tiny_export(tmp_path_factory.mktemp("export"), tiny_model, num_docs=40, seed=5, max_words=200)
 
 
 def cli(tmp_path, module, *args, stdin=None):
