@@ -270,3 +270,18 @@ def test_the_cuda_varlen_call_is_accepted_by_torch(arch, monkeypatch):
     with pytest.raises(NotImplementedError, match="_flash_attention_forward"):
         with torch.no_grad():
             model(**model_inputs(batch, "cpu"))
+
+
+@pytest.mark.parametrize("problem", [None, "torch 2.8 has no torch.nn.attention.varlen.varlen_attn"])
+def test_cuda_packing_uses_varlen_only_where_torch_has_it(problem, monkeypatch):
+    """On CUDA + bf16, packing routes attention through torch's varlen_attn; a torch without it (or without its
+    window_size) packs under the block-diagonal mask instead, with a notice, rather than failing at step 1."""
+    monkeypatch.setattr(packing, "torch_varlen_problem", lambda: problem)
+    model = tiny_classifier("bert")
+    speed = apply_speedups(model, SpeedupsConfig(compile=False, packing=True), torch.device("cuda"),
+                           mixed_precision="bf16", training=False)
+    assert speed.packing
+    varlen = model.config._attn_implementation == packing.VARLEN_ATTENTION
+    assert varlen is (problem is None)
+    assert ("packing (varlen FlashAttention)" in speed.applied) is (problem is None)
+    assert any(problem in n for n in speed.notices) if problem else not speed.notices

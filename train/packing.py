@@ -108,6 +108,19 @@ def varlen_kernel(device):
     return torch_varlen if device.type == "cuda" else reference_varlen
 
 
+def torch_varlen_problem() -> str | None:
+    """Why this torch cannot run ``torch_varlen`` (no varlen_attn, or one without window_size), or None."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    if "window_size" not in inspect.signature(varlen_attn).parameters:
+        return f"torch {torch.__version__}'s varlen_attn takes no window_size"
+    return None
+
+
 def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
     from torch.nn.attention.varlen import varlen_attn
 

@@ -139,10 +139,14 @@ def apply_speedups(model, cfg: SpeedupsConfig, device, *, mixed_precision: str =
         if cls_only_last_layer(model):
             result.applied.append("cls_only_last_layer")
     if packing_on:
-        from train.packing import enable_packed_inputs, use_varlen_attention
+        from train.packing import enable_packed_inputs, torch_varlen_problem, use_varlen_attention
 
         enable_packed_inputs(model)
-        if cuda and mixed_precision in ("bf16", "fp16"):
+        varlen = cuda and mixed_precision in ("bf16", "fp16")
+        if varlen and (missing := torch_varlen_problem()):
+            result.notices.append(f"bertfit: packing: {missing}; the block-diagonal mask instead")
+            varlen = False
+        if varlen:
             use_varlen_attention(model)  # FlashAttention kernels take half precision only
             result.applied.append("packing (varlen FlashAttention)")
             dropout = max((getattr(model.config, k, 0.0) or 0.0)
@@ -156,7 +160,9 @@ def apply_speedups(model, cfg: SpeedupsConfig, device, *, mixed_precision: str =
     if compile_on:
         track_shapes(model)
         # bucketed widths x batch sizes x train/eval: more shapes than dynamo's default limit of 8 recompiles
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        dynamo = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.7's name
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
         model.compile()  # in place: state_dict keys, checkpoints and exports stay as they are (no _orig_mod.)
         result.compiled_model = model
         result.pad_multiple = cfg.compile_bucket
