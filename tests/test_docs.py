@@ -64,7 +64,7 @@ def test_an_outdated_dependency_is_named_in_one_line(monkeypatch):
     real = versions.version
     monkeypatch.setattr(versions, "version", lambda name: "4.40.0" if name == "transformers" else real(name))
     problem = versions.version_problem()
-    assert problem == ("outdated packages: transformers 4.40.0 (needs >= 5.0); upgrade them "
+    assert problem == ("outdated packages: transformers 4.40.0 (needs >= 5.7); upgrade them "
                        "(pip install -U transformers)")
     monkeypatch.setattr(versions, "version", real)
     assert versions.version_problem() is None  # this environment itself is new enough

@@ -8,7 +8,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 MINIMUM = {
-    "transformers": "5.0",  # attention/mask interfaces and 5.x model internals (train/cpu_dropout.py, last_layer.py)
+    "torch": "2.6",  # transformers' packed-sequence masks (and_mask_function) need it; fused AdamW on CPU needs 2.4
+    "transformers": "5.7",  # ModernBERT honours set_attn_implementation from 5.7 (packing, cpu_dropout); 5.2 for
+    # create_bidirectional_mask(inputs_embeds=); 5.1 for its sliding-window twin
     "tokenizers": "0.22.1",  # the oldest that installs beside transformers 5.x
     "accelerate": "1.0",
     "datasets": "2.19",
