@@ -77,6 +77,61 @@ def test_balanced_class_weights_count_documents_under_the_document_objective():
             float(torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor(weight))), abs=1e-6)
 
 
+def test_an_epoch_without_an_optimizer_step_is_refused_at_start_up_not_a_hang():
+    """Documents of 2, 3 and 2 windows, batches of 4 windows, accumulation 3: the micro-batch count depends on
+    the epoch's document order, and epoch 1 makes fewer than 3 (0 steps): the loop would never leave it."""
+    from types import SimpleNamespace
+
+    from train.config import ConfigError
+    from train.loop import epoch_plan, schedule_length
+
+    sizes = [2, 3, 2]
+    docs = document_windows(np.repeat(np.arange(3), sizes), np.concatenate([np.arange(n) for n in sizes]))
+    cfg = SimpleNamespace(per_device_batch_size=4, gradient_accumulation_steps=3, length_grouping=False,
+                          max_tokens_per_batch=None, train_windows_per_doc=None, seed=1, epochs=3, max_steps=None,
+                          train_split="train")
+    lengths = np.full(7, 10)
+    assert [epoch_plan(cfg, lengths, docs, 1, 0, e).steps for e in range(3)] == [1, 0, 1]
+    with pytest.raises(ConfigError, match="'train': epoch 1 would have no optimizer step \\(3 documents"):
+        schedule_length(cfg, lengths, docs, 1)
+    cfg.epochs = 1  # epoch 0 alone is fine
+    assert schedule_length(cfg, lengths, docs, 1) == (1, 1)
+
+
+@pytest.mark.parametrize("pooler", ["mean", "max", "attention"])
+def test_pooling_many_documents_groups_them_by_size_and_equals_pooling_each_alone(pooler):
+    """One 30-window document among short ones: each pooler call's padded block stays within the slot budget
+    (or is one document), and every document's logits equal its windows pooled on their own."""
+    model = tiny_classifier("bert").eval()
+    attach_document_head(model, pooler)
+    head = getattr(model, "bertfit_doc_pooler")
+    if pooler == "attention":
+        with torch.no_grad():
+            head.score.weight.normal_()
+    sizes = [1] * 20 + [30] + [3] * 5 + [2] * 4
+    rng = np.random.default_rng(0)
+    doc_index = torch.from_numpy(rng.permutation(np.repeat(np.arange(len(sizes)), sizes)))  # windows interleaved
+    states = torch.randn(len(doc_index), model.config.hidden_size)
+    blocks, forward = [], head.forward
+
+    def recording(s, index, num_docs):
+        blocks.append((num_docs, int(torch.bincount(index).max())))
+        return forward(s, index, num_docs)
+
+    head.forward = recording
+    window_logits, doc_logits = pool_and_classify(model, states, doc_index, len(sizes), slots_per_group=12,
+                                                  windows_per_call=7)
+    assert all(docs * widest <= 12 or docs == 1 for docs, widest in blocks) and (1, 30) in blocks
+    assert sum(docs for docs, _ in blocks) == len(sizes)
+    head.forward = forward
+    with torch.no_grad():
+        for d in range(len(sizes)):
+            mine = states[doc_index == d]
+            alone = head_logits(model, head(mine, torch.zeros(len(mine), dtype=torch.long), 1))
+            assert (doc_logits[d] - alone[0]).abs().max() <= 1e-5, d
+        assert (window_logits - head_logits(model, states)).abs().max() <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ logits
 @pytest.mark.parametrize("pooler", ["mean", "max", "attention"])
 def test_document_logits_equal_a_hand_computation(pooler):

@@ -123,19 +123,40 @@ def document_forward(self, input_ids=None, attention_mask=None, token_type_ids=N
 
 @torch.no_grad()
 def pool_and_classify(model, embeddings: torch.Tensor, doc_index: torch.Tensor, num_docs: int,
-                      docs_per_batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(window logits [N, C], document logits [num_docs, C]) from first-token states computed earlier, a bounded
-    number of documents at a time. ``doc_index`` in 0..num_docs-1; every rank that calls it computes the same."""
+                      slots_per_group: int = 65536, windows_per_call: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(window logits [N, C], document logits [num_docs, C]) from first-token states computed earlier.
+    ``doc_index`` in 0..num_docs-1; every rank that calls it computes the same.
+
+    Memory stays bounded whatever the document lengths: the states stay where they are (the CPU after a
+    gather) and go to the model's device a slice at a time; documents are pooled in groups of similar window
+    counts, each group's padded [documents, most windows, hidden] block at most ``slots_per_group`` windows
+    (or one document), so a 10,000-window document never pads hundreds of one-window documents to its length."""
     weight = next(model.parameters())  # its dtype: bf16 weights under DeepSpeed bf16
-    embeddings, doc_index = embeddings.to(weight.device, weight.dtype), doc_index.to(weight.device)
-    window_logits = torch.cat([head_logits(model, embeddings[i:i + 4096])
-                               for i in range(0, len(embeddings), 4096)]) if len(embeddings) else None
+
+    def on_device(x: torch.Tensor) -> torch.Tensor:
+        return x.to(weight.device, weight.dtype)
+
+    empty = weight.new_zeros(0, model.config.num_labels)
+    window_logits = torch.cat([head_logits(model, on_device(embeddings[i:i + windows_per_call]))
+                               for i in range(0, len(embeddings), windows_per_call)]) if len(embeddings) else empty
     pooler = getattr(model, POOLER_ATTRIBUTE)
-    doc_logits = []
-    for start in range(0, num_docs, docs_per_batch):
-        stop = min(start + docs_per_batch, num_docs)
-        chosen = (doc_index >= start) & (doc_index < stop)
-        doc_logits.append(head_logits(model, pooler(embeddings[chosen], doc_index[chosen] - start, stop - start)))
-    empty = embeddings.new_zeros(0, model.config.num_labels)
-    return (window_logits if window_logits is not None else empty,
-            torch.cat(doc_logits) if doc_logits else empty)
+    doc_index = doc_index.cpu()
+    counts = torch.bincount(doc_index, minlength=num_docs)
+    doc_order = torch.argsort(counts, stable=True)  # fewest windows first: similar documents share a group
+    rank = torch.empty_like(doc_order)
+    rank[doc_order] = torch.arange(num_docs)
+    window_order = torch.argsort(rank[doc_index], stable=True)  # each group's windows are one slice, in order
+    ends = torch.cumsum(counts[doc_order], 0).tolist()
+    doc_logits = weight.new_zeros(num_docs, model.config.num_labels)
+    first = 0
+    while first < num_docs:
+        last = first + 1  # the group: ranks first..last-1, widest last (sorted), so its block is size x widest
+        while last < num_docs and (last + 1 - first) * int(counts[doc_order[last]]) <= slots_per_group:
+            last += 1
+        start, stop = (ends[first - 1] if first else 0), ends[last - 1]
+        windows = window_order[start:stop]
+        pooled = pooler(on_device(embeddings[windows]), (rank[doc_index[windows]] - first).to(weight.device),
+                        last - first)
+        doc_logits[doc_order[first:last].to(weight.device)] = head_logits(model, pooled)
+        first = last
+    return window_logits, doc_logits

@@ -286,12 +286,14 @@ def schedule_length(cfg: TrainConfig, lengths: np.ndarray, docs: list | None, wo
     """(total optimizer steps, epochs): the steps of ``epochs`` epochs (with a token budget or documents they
     vary a little between epochs), or max_steps (which overrides epochs) and as many epochs as it takes."""
     def steps_of(epoch: int) -> int:
-        return epoch_plan(cfg, lengths, docs, world, 0, epoch).steps
+        steps = epoch_plan(cfg, lengths, docs, world, 0, epoch).steps
+        if steps == 0:  # the loop could not make progress in this epoch: refuse now, not hang later
+            units = f"{len(lengths)} windows" if docs is None else f"{len(docs)} documents"
+            raise ConfigError(f"split {cfg.train_split!r}: epoch {epoch} would have no optimizer step ({units} make "
+                              f"fewer micro-batches than gradient_accumulation_steps x {world} processes); lower "
+                              "per_device_batch_size, max_tokens_per_batch or gradient_accumulation_steps")
+        return steps
 
-    if steps_of(0) == 0:
-        raise ConfigError(f"split {cfg.train_split!r} has {len(lengths)} windows, fewer than one optimizer step "
-                          f"(per_device_batch_size or max_tokens_per_batch x gradient_accumulation_steps x {world} "
-                          "processes)")
     if cfg.max_steps is None:
         return sum(steps_of(e) for e in range(cfg.epochs)), cfg.epochs
     total, epochs = 0, 0
