@@ -13,7 +13,8 @@ import torch
 from tests.launch import assert_two_ranks, run, tail, train_command, train_env, train_records, write_config
 from tests.test_speedups import tiny_classifier
 from tests.test_train import _assert_export_predicts, _kill_and_resume, assert_same_run, base_config, launch_run
-from train.data import collate_windows, document_epoch_batches, document_windows, model_inputs, with_documents
+from train.data import (_deal_steps, collate_windows, document_epoch_batches, document_windows, model_inputs,
+                        with_documents)
 from train.document import attach_document_head, pool_and_classify
 from train.heads import head_logits
 from train.losses import loss_unit_labels, make_loss
@@ -130,6 +131,57 @@ def test_pooling_many_documents_groups_them_by_size_and_equals_pooling_each_alon
             alone = head_logits(model, head(mine, torch.zeros(len(mine), dtype=torch.long), 1))
             assert (doc_logits[d] - alone[0]).abs().max() <= 1e-5, d
         assert (window_logits - head_logits(model, states)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("max_tokens,batch_size", [(None, 9), (160, None)])
+def test_every_document_weighs_the_same_in_its_optimizer_step(max_tokens, batch_size):
+    """A unit's gradient weight is loss_scale / (its micro-batch's units x world x accumulation) (the batch mean,
+    then DDP's and accumulation's averaging): it must be 1 / (the step's documents) for every document."""
+    doc_ids, chunk, lengths = random_documents(120)
+    docs = document_windows(doc_ids, chunk)
+    world, accumulation = 2, 2
+    plans = [document_epoch_batches(docs, lengths, batch_size, world, r, seed=3, epoch=1, accumulation=accumulation,
+                                    max_tokens=max_tokens) for r in range(world)]
+    doc_of = np.empty(len(doc_ids), dtype=int)
+    for d, windows in enumerate(docs):
+        doc_of[windows] = d
+    sizes = set()
+    for step in range(plans[0].steps):
+        weights = []
+        for plan in plans:
+            for k in range(step * accumulation, (step + 1) * accumulation):
+                n_docs = len(set(doc_of[plan.micro_batches[k]]))
+                sizes.add(n_docs)
+                weights += [plan.loss_scale[k] / (n_docs * world * accumulation)] * n_docs
+        assert np.allclose(weights, 1 / len(weights)), step
+    assert len(sizes) > 1  # the micro-batches really held different numbers of documents
+
+
+def test_loss_scales_make_a_step_the_mean_over_its_documents_for_a_real_model():
+    model = tiny_classifier("bert")
+    attach_document_head(model, "attention")
+    with torch.no_grad():
+        model.bertfit_doc_pooler.score.weight.normal_()
+    rng = np.random.default_rng(2)
+    ids = [rng.integers(5, 99, n) for n in (12, 7, 20, 9, 15, 11)]
+    rows = {"input_ids": ids, "label": [1, 1, 1, 1, 0, 1], "doc_id": [0, 0, 0, 0, 1, 2],
+            "chunk_index": [0, 1, 2, 3, 0, 0]}
+    micro = [np.array([0, 1, 2, 3]), np.array([4, 5])]  # 1 document of 4 windows; 2 of 1
+    plan = _deal_steps(micro, 6, np.random.default_rng(0), 1, 0, 2, units=[1, 2])
+    model.eval()  # no dropout: the two computations must agree exactly
+
+    def grads_of(batches_and_scales):
+        model.zero_grad()
+        for windows, scale in batches_and_scales:
+            batch = with_documents(collate_windows(rows, list(windows), pad_id=0))
+            loss = torch.nn.functional.cross_entropy(model(**model_inputs(batch, "cpu")).logits, batch["labels"])
+            (loss * scale / 2).backward()  # / accumulation, as accelerator.backward does
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    scaled = grads_of(zip(map(np.array, plan.micro_batches), plan.loss_scale))
+    together = grads_of([(np.arange(6), 2.0)])  # one batch of all 3 documents: their mean loss (x 2 / 2)
+    assert sorted(plan.loss_scale) == pytest.approx([2 / 3, 4 / 3])
+    assert max((a - b).abs().max() for a, b in zip(scaled, together)) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------ logits

@@ -203,6 +203,11 @@ def test_token_budget_batches_hold_every_window_once_within_the_budget():
                 assert len(b) * lengths[b].max() <= budget
         again = epoch_batches(lengths, None, world, 0, seed=5, epoch=1, accumulation=2, max_tokens=budget)
         assert again.micro_batches == plans[0].micro_batches  # a pure function: resume recomputes it
+        for step in range(plans[0].steps):  # every window weighs 1 / (the step's windows) in the gradient
+            mine = [(p.loss_scale[k], len(p.micro_batches[k])) for p in plans for k in (2 * step, 2 * step + 1)]
+            weights = [scale / (n * world * 2) for scale, n in mine for _ in range(n)]
+            assert np.allclose(weights, 1 / len(weights))
+    assert epoch_batches(lengths, 16, 2, 0, seed=5, epoch=1, accumulation=2).loss_scale is None  # fixed: means
     one = epoch_batches(lengths, None, 1, 0, seed=5, epoch=1, accumulation=2, max_tokens=budget)
     other_epoch = epoch_batches(lengths, None, 1, 0, seed=5, epoch=2, accumulation=2, max_tokens=budget)
     assert other_epoch.micro_batches != one.micro_batches  # reshuffled every epoch

@@ -130,7 +130,8 @@ class TrainConfig:
     objective: Literal["window", "document"] = "window"
     """window = every window is trained with its document's label, and evaluation pools the window outputs
     (pooling); document = each micro-batch holds whole documents, their windows' first-token states are pooled
-    per document (doc_pooler) and the classifier reads the pooled vector: one loss per document; evaluate,
+    per document (doc_pooler) and the classifier reads the pooled vector: one loss per document, every
+    document weighing the same in its optimizer step (however many share its micro-batch); evaluate,
     predict and the export use that document head (train/document.py)."""
     doc_pooler: Literal["mean", "max", "attention"] = "mean"
     """objective: document: how a document's window states become one vector: mean, max (per dimension), or
@@ -144,8 +145,9 @@ class TrainConfig:
     measured fastest on the device. Every switch off = the stock model in a plain loop."""
     max_tokens_per_batch: Optional[int] = None
     """Cut training micro-batches by tokens instead of a fixed window count: as many windows as fit in this
-    many padded tokens (windows x the longest of them); must be >= the longest window. null =
-    per_device_batch_size windows per micro-batch."""
+    many padded tokens (windows x the longest of them); must be >= the longest window. Every window still
+    weighs the same in its optimizer step, however many its micro-batch holds. null = per_device_batch_size
+    windows per micro-batch."""
     trust_remote_code: bool = False
     """Allow model code from the model folder to run. Off: only architectures transformers ships."""
     peak_tflops: Optional[float] = None

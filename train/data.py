@@ -131,6 +131,10 @@ class EpochPlan:
     micro_batches: list[list[int]]  # this rank's micro-batches (window indices), in order
     steps: int  # optimizer steps in the epoch
     dropped_windows: int  # windows not in any batch this epoch (the ragged end; a different set each epoch)
+    # Per micro-batch, what its mean loss is multiplied by so that every loss unit (window, or document under
+    # the document objective) weighs the same in its optimizer step: units x world x accumulation / the step's
+    # units on all ranks. None = plain means (fixed-size batches: equal already, bar an epoch's short last one).
+    loss_scale: list[float] | None = None
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int | None, world_size: int, rank: int, seed: int, epoch: int,
@@ -159,23 +163,28 @@ def epoch_batches(lengths: np.ndarray, batch_size: int | None, world_size: int, 
         order = np.concatenate(parts) if parts else order
     if max_tokens is None:
         micro = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    else:
-        micro = token_budget_cuts(order, lengths, max_tokens)
-    return _deal_steps(micro, n, rng, world_size, rank, accumulation)
+        return _deal_steps(micro, n, rng, world_size, rank, accumulation)
+    micro = token_budget_cuts(order, lengths, max_tokens)  # micro-batches of varying window counts
+    return _deal_steps(micro, n, rng, world_size, rank, accumulation, units=[len(b) for b in micro])
 
 
-def _deal_steps(micro: list[np.ndarray], n: int, rng, world_size: int, rank: int, accumulation: int) -> EpochPlan:
+def _deal_steps(micro: list[np.ndarray], n: int, rng, world_size: int, rank: int, accumulation: int,
+                units: list[int] | None = None) -> EpochPlan:
     """Consecutive micro-batches form optimizer steps of world x accumulation; steps are shuffled; rank r takes
-    micro-batches r, r + world, ... of each; the incomplete last step is dropped (same steps on every rank)."""
+    micro-batches r, r + world, ... of each; the incomplete last step is dropped (same steps on every rank).
+    ``units``: each micro-batch's loss units, when they vary (see EpochPlan.loss_scale)."""
     per_step = world_size * accumulation
     steps = len(micro) // per_step
     step_order = rng.permutation(steps)
-    mine = []
+    mine, scales = [], []
     for s in step_order:
-        group = micro[s * per_step:(s + 1) * per_step]
-        mine.extend(group[rank::world_size])
+        group = slice(s * per_step, (s + 1) * per_step)
+        mine.extend(micro[group][rank::world_size])
+        if units is not None:
+            step_units = sum(units[group])
+            scales.extend(u * per_step / step_units for u in units[group][rank::world_size])
     used = sum(len(b) for b in micro[:steps * per_step])
-    return EpochPlan([b.tolist() for b in mine], steps, n - used)
+    return EpochPlan([b.tolist() for b in mine], steps, n - used, scales if units is not None else None)
 
 
 def document_windows(doc_ids: np.ndarray, chunk_index: np.ndarray) -> list[np.ndarray]:
@@ -211,7 +220,7 @@ def document_epoch_batches(docs: list[np.ndarray], lengths: np.ndarray, batch_si
         mega = MEGA_BATCH_STEPS * world_size * max(1, (max_tokens or batch_size) // max(1, int(cost.mean())))
         order = np.concatenate([part[np.argsort(-cost[part], kind="stable")]
                                 for part in np.array_split(order, max(1, -(-len(order) // mega)))])
-    micro, current, longest = [], [], 0
+    micro, docs_in, current, longest = [], [], [], 0
     for d in order.tolist():
         windows = chosen[d]
         count = sum(len(w) for w in current) + len(windows)
@@ -222,12 +231,15 @@ def document_epoch_batches(docs: list[np.ndarray], lengths: np.ndarray, batch_si
             longest_with, fits = 0, count <= batch_size
         if current and not fits:
             micro.append(np.concatenate(current))
+            docs_in.append(len(current))
             current, longest_with = [], int(lengths[windows].max()) if max_tokens is not None else 0
         current.append(windows)
         longest = longest_with
     if current:
         micro.append(np.concatenate(current))
-    return _deal_steps(micro, sum(len(w) for w in chosen), rng, world_size, rank, accumulation)
+        docs_in.append(len(current))
+    # one loss per document: a micro-batch of 1 long document must not weigh as much as one of 16 short ones
+    return _deal_steps(micro, sum(len(w) for w in chosen), rng, world_size, rank, accumulation, units=docs_in)
 
 
 def token_budget_cuts(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:

@@ -176,6 +176,7 @@ def train(cfg: TrainConfig) -> int:
         plan = epoch_plan(cfg, train_lengths, train_docs, world, rank, state.epoch)
         gas = cfg.gradient_accumulation_steps
         todo = plan.micro_batches[state.step_in_epoch * gas:]  # mid-epoch resume: skip the steps already taken
+        loss_scales = iter(plan.loss_scale[state.step_in_epoch * gas:] if plan.loss_scale else [])
         loader = iter(make_loader(train_windows, todo, cfg.num_workers, pin_memory=accelerator.device.type == "cuda"))
         model.train()
         for _ in range(plan.steps - state.step_in_epoch):
@@ -187,7 +188,7 @@ def train(cfg: TrainConfig) -> int:
                 with accelerator.accumulate(model):
                     logits = model(**model_inputs(batch, accelerator.device)).logits
                     loss = loss_fn(logits, batch["labels"].to(accelerator.device, non_blocking=True))
-                    accelerator.backward(loss)
+                    accelerator.backward(loss * next(loss_scales, 1.0))  # equal weight per window/document
                     if accelerator.sync_gradients:
                         grad_norm = clip_or_measure(accelerator, model, cfg.max_grad_norm)
                         if skip_nonfinite:  # the norm is of the all-reduced gradients: every rank agrees
