@@ -184,6 +184,47 @@ def test_loss_scales_make_a_step_the_mean_over_its_documents_for_a_real_model():
     assert max((a - b).abs().max() for a, b in zip(scaled, together)) <= 1e-5
 
 
+def test_a_document_larger_than_one_micro_batch_is_refused_with_the_cap_that_fits():
+    from types import SimpleNamespace
+
+    from train.config import ConfigError
+    from train.loop import check_documents_fit
+
+    sizes = [2, 40, 3]
+    doc_ids = np.repeat(np.array(["a", "long", "c"]), sizes)
+    docs = document_windows(np.repeat(np.arange(3), sizes), np.concatenate([np.arange(n) for n in sizes]))
+    lengths = np.full(45, 100)
+    cfg = SimpleNamespace(train_windows_per_doc=None, max_tokens_per_batch=None, per_device_batch_size=16,
+                          train_split="train")
+    with pytest.raises(ConfigError, match="document 'long' of split 'train' trains 40 windows .* "
+                                          "per_device_batch_size 16 .* train_windows_per_doc: 16"):
+        check_documents_fit(cfg, docs, lengths, doc_ids)
+    cfg.max_tokens_per_batch = 1000
+    with pytest.raises(ConfigError, match="max_tokens_per_batch 1000 .* train_windows_per_doc: 10 "):
+        check_documents_fit(cfg, docs, lengths, doc_ids)
+    cfg.train_windows_per_doc = 10  # the cap that fits: every document's sample is one micro-batch
+    check_documents_fit(cfg, docs, lengths, doc_ids)
+
+
+def test_document_settings_with_the_window_objective_are_refused():
+    from train.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="train_windows_per_doc is for objective: document"):
+        parse_config(["--model", "m", "--data", "d", "--output_dir", "o", "--train_windows_per_doc", "4"])
+    cfg = parse_config(["--model", "m", "--data", "d", "--output_dir", "o", "--train_windows_per_doc", "4",
+                        "--objective", "document"])
+    assert cfg.train_windows_per_doc == 4
+
+
+def test_a_damaged_document_head_is_a_one_line_error(tmp_path):
+    from train.inference import InferenceError, load_document_head
+
+    (tmp_path / "document_head.safetensors").write_bytes(b"\xff" * 64)  # not a safetensors file
+    with pytest.raises(InferenceError, match="cannot load the document head document_head.safetensors") as info:
+        load_document_head(tiny_classifier("bert"), tmp_path, {"doc_pooler": "attention"}, tmp_path)
+    assert "\n" not in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------------ logits
 @pytest.mark.parametrize("pooler", ["mean", "max", "attention"])
 def test_document_logits_equal_a_hand_computation(pooler):

@@ -280,3 +280,14 @@ def test_export_model_writes_the_card_for_the_new_model(cards, tmp_path):
     assert [(r.dataset_split, r.metric_name, r.metric_value) for r in results] == [
         ("validation", "doc_accuracy", 0.75)]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["best"]  # no .best.tmp / .best.old left
+
+
+@pytest.mark.parametrize("objective", ["window", "document"])
+def test_the_cards_first_paragraph_says_how_the_document_is_scored(objective):
+    from train.model_card import model_card_text
+
+    info = {"problem_type": "single_label", "labels": ["a", "b"], "objective": objective,
+            "doc_pooler": "attention" if objective == "document" else None, "pooling": "mean", "config": {}}
+    first = model_card_text(info, []).split("---\n", 2)[2].split("\n\n")[1]
+    assert ("document head pools the windows' first-token states" in first) is (objective == "document")
+    assert ("pools the windows' outputs into one prediction" in first) is (objective == "window")

@@ -259,6 +259,8 @@ def validate(cfg: TrainConfig) -> None:
          f"max_tokens_per_batch must be >= 1 or null, got {cfg.max_tokens_per_batch}")
     need(cfg.train_windows_per_doc is None or cfg.train_windows_per_doc >= 1,
          f"train_windows_per_doc must be >= 1 or null, got {cfg.train_windows_per_doc}")
+    need(cfg.train_windows_per_doc is None or cfg.objective == "document",
+         "train_windows_per_doc is for objective: document (the window objective trains every window)")
     need(cfg.speedups.compile_bucket >= 1, f"speedups.compile_bucket must be >= 1, got {cfg.speedups.compile_bucket}")
     es = cfg.early_stopping
     need(es.patience is None or es.patience >= 1, f"early_stopping.patience must be >= 1 or null, got {es.patience}")

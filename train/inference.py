@@ -211,13 +211,14 @@ def load_document_head(model, path: Path, info: dict, model_dir) -> None:
         attach_document_head(model, pooler)
     except ValueError as exc:
         raise InferenceError(f"--model {model_dir}: {exc}") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     head = path / DOCUMENT_HEAD
     try:
-        from safetensors.torch import load_file
-
         weights = load_file(str(head))
         model.bertfit_doc_pooler.load_state_dict(weights, strict=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:  # missing, damaged, or other weights
         raise InferenceError(f"--model {model_dir}: cannot load the document head {head.name}: "
                              f"{first_line(exc)}") from None
 

@@ -89,6 +89,8 @@ def train(cfg: TrainConfig) -> int:
     # the document objective's units: each document's windows in reading order
     train_docs = (document_windows(np.asarray(train_ds["doc_id"]), np.asarray(train_ds["chunk_index"]))
                   if cfg.objective == "document" else None)
+    if train_docs is not None:
+        check_documents_fit(cfg, train_docs, train_lengths, np.asarray(train_ds["doc_id"]))
     total_steps, epochs = schedule_length(cfg, train_lengths, train_docs, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
@@ -200,7 +202,8 @@ def train(cfg: TrainConfig) -> int:
                     optimizer.zero_grad(set_to_none=True)
                 if not skip_nonfinite:
                     nonfinite.add(loss.detach())
-                tracker.add(loss.detach(), len(batch["labels"]), batch["real_tokens"], batch["padded_tokens"])
+                tracker.add(loss.detach(), len(batch["labels"]), len(batch["real_lengths"]), batch["real_tokens"],
+                            batch["padded_tokens"])
             if skip_step:
                 skipped += 1
                 if main:
@@ -281,6 +284,33 @@ def epoch_plan(cfg: TrainConfig, lengths: np.ndarray, docs: list | None, world: 
                                       cfg.max_tokens_per_batch, cfg.train_windows_per_doc)
     return epoch_batches(lengths, cfg.per_device_batch_size, world, rank, cfg.seed, epoch,
                          cfg.gradient_accumulation_steps, cfg.length_grouping, cfg.max_tokens_per_batch)
+
+
+def check_documents_fit(cfg: TrainConfig, docs: list, lengths: np.ndarray, doc_ids: np.ndarray) -> None:
+    """objective: document: a micro-batch holds whole documents, so one document (its train_windows_per_doc
+    sample) must fit the batch limit; otherwise it would be a micro-batch of its own far over the limit (an
+    out-of-memory hours into a run). Refuse now, naming the largest document and the cap that would fit."""
+    cap = cfg.train_windows_per_doc
+    worst, worst_size, fit = None, 0, None
+    for windows in docs:
+        n = len(windows) if cap is None else min(len(windows), cap)
+        size = n * int(lengths[windows].max()) if cfg.max_tokens_per_batch is not None else n
+        if size > worst_size:
+            worst, worst_size = windows, size
+    if worst is None:
+        return
+    if cfg.max_tokens_per_batch is not None and worst_size > cfg.max_tokens_per_batch:
+        limit, fit = f"max_tokens_per_batch {cfg.max_tokens_per_batch}", cfg.max_tokens_per_batch // int(
+            lengths[worst].max())
+    elif cfg.max_tokens_per_batch is None and worst_size > cfg.per_device_batch_size:
+        limit, fit = f"per_device_batch_size {cfg.per_device_batch_size}", cfg.per_device_batch_size
+    if fit is not None:
+        n = len(worst) if cap is None else min(len(worst), cap)
+        raise ConfigError(f"objective: document: document '{doc_ids[worst[0]]}' of split {cfg.train_split!r} "
+                          f"trains {n} windows of up to {int(lengths[worst].max())} tokens at once, more than "
+                          f"{limit} holds in one micro-batch (a document is never split); set "
+                          f"train_windows_per_doc: {fit} (or lower) to train on a sample of each document's "
+                          "windows, or raise the limit")
 
 
 def schedule_length(cfg: TrainConfig, lengths: np.ndarray, docs: list | None, world: int) -> tuple[int, int]:
@@ -474,13 +504,15 @@ class StepMeter:
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.loss = torch.zeros((), device=accelerator.device)
-        self.micro = self.samples = self.real = self.padded = 0
+        self.micro = self.samples = self.windows = self.real = self.padded = 0
         self.start = time.perf_counter()
 
-    def add(self, loss, samples: int, real_tokens: int, padded_tokens: int) -> None:
+    def add(self, loss, samples: int, windows: int, real_tokens: int, padded_tokens: int) -> None:
+        """samples: what the loss counts (windows, or documents under the document objective)."""
         self.loss += loss.float()
         self.micro += 1
         self.samples += samples
+        self.windows += windows
         self.real += real_tokens
         self.padded += padded_tokens
 
@@ -489,19 +521,19 @@ class StepMeter:
 
     def flush(self, lr: float, grad_norm) -> dict:
         a = self.accelerator
-        counts = torch.tensor([self.micro, self.samples, self.real, self.padded], dtype=torch.float64)
+        counts = torch.tensor([self.micro, self.samples, self.windows, self.real, self.padded], dtype=torch.float64)
         sums = torch.cat([self.loss.double().reshape(1), counts.to(a.device)])
         if a.num_processes > 1:
             sums = a.reduce(sums, reduction="sum")
-        loss_sum, micro, samples, real, padded = sums.tolist()  # the one host sync per log step
+        loss_sum, micro, samples, windows, real, padded = sums.tolist()  # the one host sync per log step
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         norm = float(grad_norm) if grad_norm is not None else float("nan")
         logs = {"train/loss": loss_sum / max(micro, 1), "train/lr": lr, "train/grad_norm": norm,
                 "train/tokens_per_s": real / elapsed, "train/samples_per_s": samples / elapsed,
                 "train/padding_fraction": 1.0 - real / max(padded, 1),
-                "_mean_padded_len": padded / max(samples, 1)}
+                "_mean_padded_len": padded / max(windows, 1)}  # the attention term of the MFU: per window
         self.loss.zero_()
-        self.micro = self.samples = self.real = self.padded = 0
+        self.micro = self.samples = self.windows = self.real = self.padded = 0
         self.start = time.perf_counter()
         return logs
 

@@ -137,8 +137,11 @@ def model_card_text(info: dict, evaluations: list[tuple[str, dict]]) -> str:
         f"# {name}\n\n"
         f"A {PROBLEM_TYPE_WORDS.get(problem_type, problem_type)} fine-tuned"
         f"{f' from `{base}`' if base else ''} with bertfit on the `{data_name}` data. Long documents are split "
-        "into overlapping windows; the model scores every window and bertfit pools the windows' outputs into one "
-        "prediction per document.",
+        + ("into overlapping windows; the encoder reads every window and a document head pools the windows' "
+           "first-token states into one vector that the classifier scores (see below)."
+           if info.get("objective") == "document" else
+           "into overlapping windows; the model scores every window and bertfit pools the windows' outputs into "
+           "one prediction per document."),
         labels_section(problem_type, labels, info),
         data_section(info, config, data_name),
         pooling_section(problem_type, labels, info),
