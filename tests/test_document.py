@@ -12,6 +12,7 @@ import torch
 
 from tests.launch import assert_two_ranks, run, tail, train_command, train_env, train_records, write_config
 from tests.test_speedups import tiny_classifier
+from tests.test_tasks import check_evaluate_matches_training
 from tests.test_train import _assert_export_predicts, _kill_and_resume, assert_same_run, base_config, launch_run
 from train.data import (_deal_steps, collate_windows, document_epoch_batches, document_windows, model_inputs,
                         with_documents)
@@ -295,6 +296,8 @@ def test_document_objective_two_process_run_resumes_bit_identically_and_exports(
     _, resumed = _kill_and_resume(tmp_path, "killed", dict(ref_cfg, output_dir=str(tmp_path / "killed")),
                                   kill_at=random.randint(5, steps - 2))
     assert_same_run(tmp_path / "ref", tmp_path / "killed", resumed)
+    # the evaluate CLI on the export reproduces what training logged for the best model (the document head)
+    check_evaluate_matches_training(tmp_path, tmp_path / "ref", data, ["doc_accuracy", "doc_loss", "doc_f1_macro"])
     best = tmp_path / "killed" / "best"
     assert (best / "document_head.safetensors").is_file()
     _assert_export_predicts(best, data)
