@@ -546,6 +546,9 @@ def section(res: dict, longdoc_seeds: list[int], bbc_seeds: list[int]) -> str:
                      "doc_attention): not chosen yet, runs missing" + (f"; complete so far: {ranked}" if ranked
                                                                        else "") + ". The default stays `window`.")
     out += ["Goals (with the runs finished so far):", "", *goals, ""]
+    for k, r in res.get("superseded", {}).items():
+        out += [f"Superseded, not in the table: `{k}` test doc accuracy {f4(r['doc_accuracy'])} (commit "
+                f"{r.get('commit', '?')}): {r['superseded_because']}", ""]
     missing = [key(d, s, x) for d, s, x in plan(longdoc_seeds, bbc_seeds) if key(d, s, x) not in runs]
     missing += [key(d, "first_window", x) for d, s, x in plan(longdoc_seeds, bbc_seeds)
                 if s == "window_mean" and key(d, "first_window", x) not in runs]
