@@ -87,10 +87,11 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError(f"max_tokens_per_batch {cfg.max_tokens_per_batch} is smaller than the longest training "
                           f"window ({train_lengths.max()} tokens); raise it or set it to null")
     # the document objective's units: each document's windows in reading order
-    train_docs = (document_windows(np.asarray(train_ds["doc_id"]), np.asarray(train_ds["chunk_index"]))
-                  if cfg.objective == "document" else None)
-    if train_docs is not None:
-        check_documents_fit(cfg, train_docs, train_lengths, np.asarray(train_ds["doc_id"]))
+    train_docs = None
+    if cfg.objective == "document":
+        doc_ids = np.asarray(train_ds["doc_id"])  # read once: the column can be large
+        train_docs = document_windows(doc_ids, np.asarray(train_ds["chunk_index"]))
+        check_documents_fit(cfg, train_docs, train_lengths, doc_ids)
     total_steps, epochs = schedule_length(cfg, train_lengths, train_docs, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
