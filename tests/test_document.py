@@ -186,26 +186,34 @@ def test_loss_scales_make_a_step_the_mean_over_its_documents_for_a_real_model():
     assert max((a - b).abs().max() for a, b in zip(scaled, together)) <= 1e-5
 
 
-def test_a_document_larger_than_one_micro_batch_is_refused_with_the_cap_that_fits():
+def test_a_document_larger_than_one_micro_batch_trains_on_a_sample_or_its_cap_is_refused():
+    """train_windows_per_doc null: cut to what one micro-batch holds (the run goes on); an explicit cap that
+    does not fit is refused at start-up with the cap that would (never an over-budget micro-batch)."""
     from types import SimpleNamespace
 
     from train.config import ConfigError
-    from train.loop import check_documents_fit
+    from train.loop import check_documents_fit, windows_one_batch_holds
 
     sizes = [2, 40, 3]
     doc_ids = np.repeat(np.array(["a", "long", "c"]), sizes)
     docs = document_windows(np.repeat(np.arange(3), sizes), np.concatenate([np.arange(n) for n in sizes]))
     lengths = np.full(45, 100)
-    cfg = SimpleNamespace(train_windows_per_doc=None, max_tokens_per_batch=None, per_device_batch_size=16,
+    cfg = SimpleNamespace(train_windows_per_doc=30, max_tokens_per_batch=None, per_device_batch_size=16,
                           train_split="train")
-    with pytest.raises(ConfigError, match="document 'long' of split 'train' trains 40 windows .* "
+    with pytest.raises(ConfigError, match="document 'long' of split 'train' trains 30 windows .* "
                                           "per_device_batch_size 16 .* train_windows_per_doc: 16"):
         check_documents_fit(cfg, docs, lengths, doc_ids)
     cfg.max_tokens_per_batch = 1000
     with pytest.raises(ConfigError, match="max_tokens_per_batch 1000 .* train_windows_per_doc: 10 "):
         check_documents_fit(cfg, docs, lengths, doc_ids)
-    cfg.train_windows_per_doc = 10  # the cap that fits: every document's sample is one micro-batch
-    check_documents_fit(cfg, docs, lengths, doc_ids)
+    for max_tokens, batch_size, fits in ((None, 16, 16), (1000, 16, 10), (1050, 4, 10)):
+        cfg.max_tokens_per_batch, cfg.per_device_batch_size = max_tokens, batch_size
+        cfg.train_windows_per_doc = windows_one_batch_holds(cfg, lengths)
+        assert cfg.train_windows_per_doc == fits
+        check_documents_fit(cfg, docs, lengths, doc_ids)
+        plan = document_epoch_batches(docs, lengths, batch_size, 1, 0, 0, 0, 1, True, max_tokens, fits)
+        trained = np.concatenate(plan.micro_batches)
+        assert len(trained) == 2 + fits + 3 and max(len(m) for m in plan.micro_batches) <= fits  # 'long' sampled
 
 
 def test_document_settings_with_the_window_objective_are_refused():

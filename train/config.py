@@ -138,7 +138,9 @@ class TrainConfig:
     attention (a learned score per window, softmax-weighted mean; starts equal to mean)."""
     train_windows_per_doc: Optional[int] = None
     """objective: document: train on at most this many windows of a document per epoch (a random sample, new
-    each epoch, in reading order); null = all. Bounds the memory of one micro-batch; evaluation and prediction
+    each epoch, in reading order); null = as many as one micro-batch holds (per_device_batch_size windows, or
+    max_tokens_per_batch tokens of the longest window), so shorter documents train whole and longer ones on a
+    sample (the start-up says how many). Bounds the memory of one micro-batch; evaluation and prediction
     always use every window."""
     speedups: SpeedupsConfig = field(default_factory=SpeedupsConfig)
     """Speed switches, all applied in one place (train/speedups.py); each auto = what docs/benchmarks.md

@@ -91,6 +91,13 @@ def train(cfg: TrainConfig) -> int:
     if cfg.objective == "document":
         doc_ids = np.asarray(train_ds["doc_id"])  # read once: the column can be large
         train_docs = document_windows(doc_ids, np.asarray(train_ds["chunk_index"]))
+        if cfg.train_windows_per_doc is None:
+            cfg.train_windows_per_doc = windows_one_batch_holds(cfg, train_lengths)
+            sampled = sum(len(w) > cfg.train_windows_per_doc for w in train_docs)
+            if main and sampled:
+                print(f"bertfit: objective: document: {sampled} of {len(train_docs)} documents have more windows "
+                      f"than one micro-batch holds; each trains on a fresh sample of {cfg.train_windows_per_doc} "
+                      "of its windows per epoch (train_windows_per_doc); evaluation reads every window", flush=True)
         check_documents_fit(cfg, train_docs, train_lengths, doc_ids)
     total_steps, epochs = schedule_length(cfg, train_lengths, train_docs, world)
     warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
@@ -285,6 +292,15 @@ def epoch_plan(cfg: TrainConfig, lengths: np.ndarray, docs: list | None, world: 
                                       cfg.max_tokens_per_batch, cfg.train_windows_per_doc)
     return epoch_batches(lengths, cfg.per_device_batch_size, world, rank, cfg.seed, epoch,
                          cfg.gradient_accumulation_steps, cfg.length_grouping, cfg.max_tokens_per_batch)
+
+
+def windows_one_batch_holds(cfg: TrainConfig, lengths: np.ndarray) -> int:
+    """objective: document with train_windows_per_doc null: the largest sample every document's windows can
+    be cut to and still fit one micro-batch (per_device_batch_size windows, or max_tokens_per_batch tokens of
+    the split's longest window), so a long document trains on a sample instead of stopping the run."""
+    if cfg.max_tokens_per_batch is None:
+        return cfg.per_device_batch_size
+    return max(1, cfg.max_tokens_per_batch // max(1, int(lengths.max(initial=0))))
 
 
 def check_documents_fit(cfg: TrainConfig, docs: list, lengths: np.ndarray, doc_ids: np.ndarray) -> None:
