@@ -114,7 +114,7 @@ def bertfit_yaml(model: str, data: Path, out: Path, steps: int, extra: dict | No
     cfg = {"model": model_arg(model), "data": str(data), "output_dir": str(out), "max_steps": steps,
            "per_device_batch_size": BATCH, "learning_rate": LR, "weight_decay": WD, "max_grad_norm": 1.0,
            "seed": SEED, "report_to": "none", "eval_split": None, "save_every_steps": 0, "log_every_steps": 1,
-           "resume": "none", "mixed_precision": "no", **(extra or {})}
+           "resume": "none", "mixed_precision": "no", "objective": "window", **(extra or {})}
     return "\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()) + "\n"
 
 

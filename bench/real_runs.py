@@ -61,7 +61,7 @@ def train_and_evaluate(name: str, data: Path, config: str, epochs: int, env: dic
     train_s = sh([BIN / "accelerate", "launch", "--config_file", "accelerate_configs/cpu.yaml", "-m", "train",
                   "--config", config, "--data", data, "--output_dir", run, "--resume", "none", "--epochs", epochs,
                   "--report_to", "none", "--eval_every_steps", 0, "--save_every_steps", 0, "--max_steps", "null",
-                  "--early_stopping.patience", "null", *extra], dict(env, OMP_NUM_THREADS="1"))
+                  "--early_stopping.patience", "null", "--objective", "window", *extra], dict(env, OMP_NUM_THREADS="1"))
     sh([sys.executable, "-m", "train.evaluate", "--model", run / "best", "--data", data, "--split", "test",
         "--output-dir", run / "eval-test"], env)
     metrics = json.loads((run / "eval-test" / "metrics.json").read_text())

@@ -32,6 +32,9 @@ def train_env(tmp: Path, **extra) -> dict:
 
 
 def write_config(path: Path, **fields) -> Path:
+    """A run config; objective: window unless the test sets one: the suite's runs test the window path and
+    the features built on it, the document objective (the default) has its own runs in test_document.py."""
+    fields = {"objective": "window", **fields}
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path
 

@@ -220,7 +220,8 @@ def test_document_settings_with_the_window_objective_are_refused():
     from train.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="train_windows_per_doc is for objective: document"):
-        parse_config(["--model", "m", "--data", "d", "--output_dir", "o", "--train_windows_per_doc", "4"])
+        parse_config(["--model", "m", "--data", "d", "--output_dir", "o", "--train_windows_per_doc", "4",
+                      "--objective", "window"])
     cfg = parse_config(["--model", "m", "--data", "d", "--output_dir", "o", "--train_windows_per_doc", "4",
                         "--objective", "document"])
     assert cfg.train_windows_per_doc == 4

@@ -84,7 +84,8 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Best-model selection and early stopping."""
     pooling: Optional[Literal["mean", "max", "max_positive"]] = None
-    """How window outputs become one document prediction. single-label: mean (of class probabilities), max
+    """objective: window: how window outputs become one document prediction (objective: document pools window
+    states with doc_pooler instead). single-label: mean (of class probabilities), max
     (per class the highest probability any window gives it, renormalised to sum to 1), max_positive (2 classes:
     the highest positive-class probability of any window); multi-label: max or mean of per-window sigmoid
     probabilities; regression: mean (token-count weighted). null = mean, or max for multi-label."""
@@ -127,12 +128,14 @@ class TrainConfig:
     """Write train/loss, lr, grad_norm, tokens_per_s, padding_fraction every N optimizer steps."""
     num_workers: int = 0
     """DataLoader worker processes per training process (0 = load in the training process)."""
-    objective: Literal["window", "document"] = "window"
+    objective: Literal["window", "document"] = "document"
     """window = every window is trained with its document's label, and evaluation pools the window outputs
     (pooling); document = each micro-batch holds whole documents, their windows' first-token states are pooled
     per document (doc_pooler) and the classifier reads the pooled vector: one loss per document, every
     document weighing the same in its optimizer step (however many share its micro-batch); evaluate,
-    predict and the export use that document head (train/document.py)."""
+    predict and the export use that document head (train/document.py). The default is the best of both,
+    measured on BBC and a long-document set (docs/benchmarks.md, "Long documents"); encoders without a
+    supported head (e.g. DeBERTa) need objective: window."""
     doc_pooler: Literal["mean", "max", "attention"] = "mean"
     """objective: document: how a document's window states become one vector: mean, max (per dimension), or
     attention (a learned score per window, softmax-weighted mean; starts equal to mean)."""

@@ -81,7 +81,8 @@ def document_head_problem(model) -> str | None:
 def attach_document_head(model, pooler: str) -> None:
     """Give ``model`` a document pooler and the document forward (see the module docstring)."""
     if problem := document_head_problem(model):
-        raise ValueError(f"objective: document needs a supported encoder: {problem}")
+        raise ValueError(f"objective: document needs a supported encoder: {problem}; set objective: window "
+                         "(every window trained with its document's label) for this one")
     setattr(model, POOLER_ATTRIBUTE, DocumentPooler(pooler, model.config.hidden_size).to(
         next(model.parameters()).device))
     model.bertfit_document_head = True
