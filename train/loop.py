@@ -308,7 +308,7 @@ def check_documents_fit(cfg: TrainConfig, docs: list, lengths: np.ndarray, doc_i
     sample) must fit the batch limit; otherwise it would be a micro-batch of its own far over the limit (an
     out-of-memory hours into a run). Refuse now, naming the largest document and the cap that would fit."""
     cap = cfg.train_windows_per_doc
-    worst, worst_size, fit = None, 0, None
+    worst, worst_size = None, 0
     for windows in docs:
         n = len(windows) if cap is None else min(len(windows), cap)
         size = n * int(lengths[windows].max()) if cfg.max_tokens_per_batch is not None else n
@@ -317,17 +317,18 @@ def check_documents_fit(cfg: TrainConfig, docs: list, lengths: np.ndarray, doc_i
     if worst is None:
         return
     if cfg.max_tokens_per_batch is not None and worst_size > cfg.max_tokens_per_batch:
-        limit, fit = f"max_tokens_per_batch {cfg.max_tokens_per_batch}", cfg.max_tokens_per_batch // int(
-            lengths[worst].max())
+        limit = f"max_tokens_per_batch {cfg.max_tokens_per_batch}"
     elif cfg.max_tokens_per_batch is None and worst_size > cfg.per_device_batch_size:
-        limit, fit = f"per_device_batch_size {cfg.per_device_batch_size}", cfg.per_device_batch_size
-    if fit is not None:
-        n = len(worst) if cap is None else min(len(worst), cap)
-        raise ConfigError(f"objective: document: document '{doc_ids[worst[0]]}' of split {cfg.train_split!r} "
-                          f"trains {n} windows of up to {int(lengths[worst].max())} tokens at once, more than "
-                          f"{limit} holds in one micro-batch (a document is never split); set "
-                          f"train_windows_per_doc: {fit} (or lower) to train on a sample of each document's "
-                          "windows, or raise the limit")
+        limit = f"per_device_batch_size {cfg.per_device_batch_size}"
+    else:
+        return
+    fit = windows_one_batch_holds(cfg, lengths[worst])
+    n = len(worst) if cap is None else min(len(worst), cap)
+    raise ConfigError(f"objective: document: document '{doc_ids[worst[0]]}' of split {cfg.train_split!r} "
+                      f"trains {n} windows of up to {int(lengths[worst].max())} tokens at once, more than "
+                      f"{limit} holds in one micro-batch (a document is never split); set "
+                      f"train_windows_per_doc: {fit} (or lower) to train on a sample of each document's "
+                      "windows, or raise the limit")
 
 
 def schedule_length(cfg: TrainConfig, lengths: np.ndarray, docs: list | None, world: int) -> tuple[int, int]:
