@@ -41,7 +41,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.launch import final_weights, train_records
+from tests.launch import final_weights, train_records, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "slurm" / "local_cluster.sh"
@@ -300,14 +300,11 @@ def shards(tmp_path_factory, tiny_model) -> Path:
 def run_config(folder: Path, name: str, tiny_model: Path, data: Path) -> tuple[Path, Path]:
     """One run config (the same for every job but output_dir); returns (config path, output_dir)."""
     out = folder / name
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(tiny_model), "data": str(data), "output_dir": str(out), "seed": 7, "max_steps": MAX_STEPS,
-        "per_device_batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 2, "log_every_steps": 1,
-        "save_every_steps": 0, "keep_last": 3, "report_to": "none", "eval_split": None,
-        "mixed_precision": "no",  # the shipped accelerate configs say bf16 (for GPUs)
-        "objective": "window",  # as tests.launch.write_config: the suite's runs test the window path
-    }, sort_keys=False))
+    path = write_config(
+        folder / f"{name}.yaml", model=str(tiny_model), data=str(data), output_dir=str(out), seed=7,
+        max_steps=MAX_STEPS, per_device_batch_size=4, learning_rate=2e-3, warmup_steps=2, log_every_steps=1,
+        save_every_steps=0, keep_last=3, report_to="none", eval_split=None,
+        mixed_precision="no")  # the shipped accelerate configs say bf16 (for GPUs)
     return path, out
 
 
