@@ -87,8 +87,9 @@ def forward(self, *args, **kwargs):
             out.logits = out.logits * float("nan")
     return out
 transformers.BertForSequenceClassification.forward = forward
+from train.distributed import exit_without_teardown
 from train.loop import main
-sys.exit(main())
+exit_without_teardown(main())
 """
 
 
@@ -303,3 +304,32 @@ def test_run_lock_names_its_holder_and_dies_with_it(tmp_path):
         holder.wait()
     assert acquire_run_lock(out) is None  # the kernel released the dead holder's lock: nothing stale
     release_run_lock(out)
+
+
+def test_a_finished_trainer_exits_with_its_code_after_atexit_and_without_interpreter_teardown(tmp_path):
+    """`python -m train` ends through exit_without_teardown: the run's exit code, atexit handlers run and buffered
+    output kept, but no interpreter teardown (where DDP's still-running process-group threads once aborted a
+    finished rank with SIGABRT)."""
+    marker = tmp_path / "atexit_ran"
+    script = textwrap.dedent(f"""
+        import atexit, os, sys
+        from pathlib import Path
+        from train.distributed import exit_without_teardown
+
+        class Teardown:
+            def __del__(self, write=os.write):  # bound now: module globals are gone by then
+                write(2, b"teardown ran\\n")
+
+        KEPT = Teardown()  # a module global: collected only by the interpreter's teardown
+        atexit.register(lambda: Path({str(marker)!r}).write_text("yes"))
+        sys.stdout.write("buffered, no newline")
+        exit_without_teardown(3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "buffered, no newline"
+    assert marker.read_text() == "yes"
+    assert "teardown ran" not in proc.stderr
+    control = subprocess.run([sys.executable, "-c", script.replace("exit_without_teardown(3)", "sys.exit(3)")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert control.returncode == 3 and "teardown ran" in control.stderr  # the check above can tell the two apart

@@ -1,6 +1,5 @@
-import sys
-
+from train.distributed import exit_without_teardown
 from train.loop import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
