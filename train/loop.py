@@ -306,11 +306,12 @@ def windows_one_batch_holds(cfg: TrainConfig, lengths: np.ndarray) -> int:
 def check_documents_fit(cfg: TrainConfig, docs: list, lengths: np.ndarray, doc_ids: np.ndarray) -> None:
     """objective: document: a micro-batch holds whole documents, so one document (its train_windows_per_doc
     sample) must fit the batch limit; otherwise it would be a micro-batch of its own far over the limit (an
-    out-of-memory hours into a run). Refuse now, naming the largest document and the cap that would fit."""
+    out-of-memory hours into a run). Refuse now, naming the largest document and the cap that would fit.
+    train_windows_per_doc is set by now (the loop resolves null through windows_one_batch_holds)."""
     cap = cfg.train_windows_per_doc
     worst, worst_size = None, 0
     for windows in docs:
-        n = len(windows) if cap is None else min(len(windows), cap)
+        n = min(len(windows), cap)
         size = n * int(lengths[windows].max()) if cfg.max_tokens_per_batch is not None else n
         if size > worst_size:
             worst, worst_size = windows, size
@@ -323,7 +324,7 @@ def check_documents_fit(cfg: TrainConfig, docs: list, lengths: np.ndarray, doc_i
     else:
         return
     fit = windows_one_batch_holds(cfg, lengths[worst])
-    n = len(worst) if cap is None else min(len(worst), cap)
+    n = min(len(worst), cap)
     raise ConfigError(f"objective: document: document '{doc_ids[worst[0]]}' of split {cfg.train_split!r} "
                       f"trains {n} windows of up to {int(lengths[worst].max())} tokens at once, more than "
                       f"{limit} holds in one micro-batch (a document is never split); set "
