@@ -41,8 +41,8 @@ def write_config(path: Path, **fields) -> Path:
 
 def train_command(config: Path, nproc: int = 2, accelerate_config: str | None = "cpu.yaml", overrides=(),
                   module: str = "train", extra_launch=(), script: Path | None = None) -> list[str]:
-    """The trainer's command line; ``script``: a hook file that patches something and then calls train.loop.main,
-    run in place of ``-m module``."""
+    """The trainer's command line; ``script``: a hook file that patches something and then runs the trainer's
+    entry point (``runpy.run_module("train", run_name="__main__", alter_sys=True)``), in place of ``-m module``."""
     target = [str(script)] if script is not None else ["-m", module]
     if nproc == 1 and accelerate_config is None:
         return [sys.executable, *target, "--config", str(config), *map(str, overrides)]

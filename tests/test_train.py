@@ -135,9 +135,8 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path, referen
                 time.sleep(600)
             real(path, data)
         checkpoint._write_json = frozen
-        from train.distributed import exit_without_teardown
-        from train.loop import main
-        exit_without_teardown(main())
+        import runpy
+        runpy.run_module("train", run_name="__main__", alter_sys=True)
     """))
     log = tmp_path / "run.log"
     proc = start(train_command(config, script=hook), log, train_env(tmp_path))
@@ -324,9 +323,8 @@ class FakeWandB(tracking.GeneralTracker):
 tracking.LOGGER_TYPE_TO_CLASS["wandb"] = FakeWandB
 if LoggerType.WANDB not in tracking._available_trackers:
     tracking._available_trackers.append(LoggerType.WANDB)
-from train.distributed import exit_without_teardown
-from train.loop import main
-exit_without_teardown(main())
+import runpy
+runpy.run_module("train", run_name="__main__", alter_sys=True)
 """
 
 
@@ -456,8 +454,8 @@ def test_second_launch_on_a_busy_output_dir_is_refused_and_the_first_run_is_unto
                     time.sleep(0.05)
             return real(accelerator, output_dir, state, keep_last)
         train.loop.save_checkpoint = save
-        from train.distributed import exit_without_teardown
-        exit_without_teardown(train.loop.main())
+        import runpy
+        runpy.run_module("train", run_name="__main__", alter_sys=True)
     """))
     first = start(train_command(config, script=hook), first_log, train_env(tmp_path))
     wait_for_file(saving, first, first_log)

@@ -87,9 +87,8 @@ def forward(self, *args, **kwargs):
             out.logits = out.logits * float("nan")
     return out
 transformers.BertForSequenceClassification.forward = forward
-from train.distributed import exit_without_teardown
-from train.loop import main
-exit_without_teardown(main())
+import runpy
+runpy.run_module("train", run_name="__main__", alter_sys=True)
 """
 
 
@@ -264,7 +263,8 @@ def test_disk_full_during_a_save_is_one_error_line_and_the_run_resumes_after(tmp
         checkpoint.save_checkpoint = save
         import train.loop
         train.loop.save_checkpoint = save
-        sys.exit(train.loop.main())
+        import runpy
+        runpy.run_module("train", run_name="__main__", alter_sys=True)
     """))
     proc = start(train_command(config, nproc=1, accelerate_config=None, script=hook), log, train_env(tmp_path))
     wait_for_file(tmp_path / "at-8", proc, log)
