@@ -261,11 +261,11 @@ def train_args(setting: str, data: Path, run: Path, seed: int, model: str, lr: f
             "--save_every_steps", 0, "--keep_last", 1, "--early_stopping.metric", "doc_accuracy",
             "--early_stopping.mode", "max", "--early_stopping.patience", "null", "--report_to", "none",
             "--pooling", "mean"]
-    if not setting.startswith("doc_"):
-        args += ["--objective", "window"]
-    else:
+    if setting.startswith("doc_"):
         args += ["--objective", "document", "--doc_pooler", setting[4:], "--max_tokens_per_batch", MAX_TOKENS,
                  "--train_windows_per_doc", WINDOWS_PER_DOC]
+    else:
+        args += ["--objective", "window"]
     return args
 
 
